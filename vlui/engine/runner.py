@@ -1,0 +1,226 @@
+"""The language-model half of the engine: a Llama decoder run over a slot-based static KV cache.
+
+`LlamaRunner` borrows the weights of an already loaded transformers `LlamaModel` (so checkpoints load
+through the normal, faithful code path) and runs its own forward pass, the way gpt-fast does:
+
+* a KV cache preallocated once: per layer [slots + 1, kv_heads, max_seq, head_dim]. Every request
+  owns one slot; the extra slot is scratch for the padding rows of a CUDA-graph batch.
+* `prefill(slot, embeds, start)`: writes a chunk of prompt embeddings (text and image alike) into a
+  slot, starting at `start` so earlier turns' cache can be reused and long prompts chunked.
+* `decode(slots, tokens, positions)`: one token for each of several slots at once (continuous
+  batching: each row has its own slot and position).
+
+On a GPU the per-layer pieces are compiled with torch.compile (norm, projections and rotary
+embedding fuse), attention is the Triton kernel of `attention.py`, and every decode batch size is
+captured once as a CUDA graph, so a decoding step costs one graph launch instead of hundreds of
+kernel launches from Python. On the CPU the same functions run eagerly with SDPA attention.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from vlui.engine.attention import decode_attention, decode_attention_reference, triton_available
+
+
+@dataclass
+class FusedWeights:
+    """q/k/v and gate/up weights concatenated, so one matmul reads each group (fewer, larger GEMVs).
+    The original modules keep working: their weights become views into these tensors."""
+
+    qkv: torch.Tensor
+    gate_up: torch.Tensor
+    split: tuple[int, int, int]
+
+
+def fuse_layer(layer: nn.Module) -> FusedWeights | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj]
+    # Quantized layers (bitsandbytes), biases or offloaded (meta) weights: keep the modules as they are.
+    if any(type(m) is not nn.Linear or m.bias is not None or m.weight.device.type == "meta" for m in linears):
+        return None
+    with torch.no_grad():
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        split = (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)
+        offsets = [0, split[0], split[0] + split[1], sum(split)]
+        for m, a, b in zip((attn.q_proj, attn.k_proj, attn.v_proj), offsets, offsets[1:]):
+            m.weight = nn.Parameter(qkv[a:b], requires_grad=False)
+        inter = mlp.gate_proj.out_features
+        mlp.gate_proj.weight = nn.Parameter(gate_up[:inter], requires_grad=False)
+        mlp.up_proj.weight = nn.Parameter(gate_up[inter:], requires_grad=False)
+    return FusedWeights(qkv, gate_up, split)
+
+
+def attention_inputs(layer, fused: FusedWeights | None, hidden, cos, sin, head_dim: int):
+    """Pre-attention half of a decoder layer: norm, q/k/v projections, rotary embedding."""
+    x = layer.input_layernorm(hidden)
+    batch, length, _ = x.shape
+    attn = layer.self_attn
+    if fused is not None:
+        q, k, v = F.linear(x, fused.qkv).split(fused.split, dim=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q = q.view(batch, length, -1, head_dim).transpose(1, 2)
+    k = k.view(batch, length, -1, head_dim).transpose(1, 2)
+    v = v.view(batch, length, -1, head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def attention_output_and_mlp(layer, fused: FusedWeights | None, hidden, attn_out):
+    """Post-attention half: output projection, residual, norm, MLP, residual. attn_out [B, H, T, D]."""
+    batch, heads, length, head_dim = attn_out.shape
+    hidden = hidden + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+    x = layer.post_attention_layernorm(hidden)
+    mlp = layer.mlp
+    if fused is not None:
+        gate, up = F.linear(x, fused.gate_up).chunk(2, dim=-1)
+        return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+    return hidden + mlp(x)
+
+
+class LlamaRunner:
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, num_slots: int, max_seq_len: int, fuse: bool = True):
+        config = decoder.config
+        self.decoder = decoder
+        self.lm_head = lm_head
+        self.layers = list(decoder.layers)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.scratch_slot = num_slots
+        self.dtype = decoder.embed_tokens.weight.dtype
+        self.device = decoder.embed_tokens.weight.device
+        self.layer_devices = [next(layer.parameters()).device for layer in self.layers]
+        self.multi_device = len({self.device, *self.layer_devices, lm_head.weight.device}) > 1
+        shape = (num_slots + 1, self.num_kv_heads, max_seq_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=d) for d in self.layer_devices]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=d) for d in self.layer_devices]
+        self.fused = [fuse_layer(layer) if fuse else None for layer in self.layers]
+        self.use_triton = not self.multi_device and triton_available(self.device) and self.head_dim >= 16
+        self._attn_in = attention_inputs
+        self._attn_out = attention_output_and_mlp
+        self._graphs: dict[int, tuple] = {}
+        self._graph_sizes: list[int] = []
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.k_cache[0].element_size()
+
+    # -- prefill ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """Run `embeds` [T, hidden] at positions start..start+T-1 of `slot`; return last logits [V]."""
+        length = embeds.shape[0]
+        if start + length > self.max_seq_len:
+            raise ValueError(f"prefill past the cache: {start}+{length} > {self.max_seq_len}")
+        hidden = embeds[None].to(self.device, self.dtype)
+        positions = torch.arange(start, start + length, device=self.device)[None]
+        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        causal = None
+        if start > 0:  # attend to the reused prefix too: query i sees keys 0..start+i
+            causal = torch.ones(length, start + length, dtype=torch.bool, device=self.device).tril(start)
+        for i, layer in enumerate(self.layers):
+            if self.multi_device:
+                hidden, cos, sin = (t.to(self.layer_devices[i]) for t in (hidden, cos, sin))
+                causal = causal.to(self.layer_devices[i]) if causal is not None else None
+            q, k, v = self._attn_in(layer, self.fused[i], hidden, cos, sin, self.head_dim)
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            k_cache[slot, :, start : start + length] = k[0]
+            v_cache[slot, :, start : start + length] = v[0]
+            if start == 0:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                keys = k_cache[slot : slot + 1, :, : start + length]
+                values = v_cache[slot : slot + 1, :, : start + length]
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, enable_gqa=True)
+            hidden = self._attn_out(layer, self.fused[i], hidden, out)
+        last = self.decoder.norm(hidden[:, -1:].to(self.lm_head.weight.device))
+        return self.lm_head(last)[0, -1]
+
+    # -- decode -------------------------------------------------------------------------------
+    def _decode_step(self, tokens, positions, slots, max_len: int | None = None):
+        """One token for each row. tokens/positions/slots are [B] int64 tensors on the device."""
+        hidden = self.decoder.embed_tokens(tokens)[:, None, :]
+        pos = positions[:, None]
+        cos, sin = self.decoder.rotary_emb(hidden, pos)
+        lengths = positions + 1
+        on_device = {self.device: (slots, positions, lengths)}
+        for i, layer in enumerate(self.layers):
+            device = self.layer_devices[i]
+            if device not in on_device:
+                on_device[device] = tuple(t.to(device) for t in (slots, positions, lengths))
+            slots_i, positions_i, lengths_i = on_device[device]
+            if self.multi_device:
+                hidden, cos, sin = (t.to(device) for t in (hidden, cos, sin))
+            q, k, v = self._attn_in(layer, self.fused[i], hidden, cos, sin, self.head_dim)
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            k_cache[slots_i, :, positions_i] = k[:, :, 0]
+            v_cache[slots_i, :, positions_i] = v[:, :, 0]
+            if self.use_triton:
+                out = decode_attention(q[:, :, 0], k_cache, v_cache, slots_i, lengths_i)
+            else:
+                out = decode_attention_reference(q[:, :, 0], k_cache, v_cache, slots_i, lengths_i, max_len)
+            hidden = self._attn_out(layer, self.fused[i], hidden, out[:, :, None])
+        last = self.decoder.norm(hidden[:, 0].to(self.lm_head.weight.device))
+        return self.lm_head(last)
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits [B, V] for the next token of each row."""
+        batch = len(slots)
+        at = bisect.bisect_left(self._graph_sizes, batch)
+        if at < len(self._graph_sizes):
+            size = self._graph_sizes[at]
+            graph, inputs, logits = self._graphs[size]
+            pad = size - batch
+            host = torch.tensor(
+                [tokens + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad], dtype=torch.long
+            )
+            inputs.copy_(host, non_blocking=True)
+            graph.replay()
+            return logits[:batch]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return self._decode_step(as_tensor(tokens), as_tensor(positions), as_tensor(slots), max(positions) + 1)
+
+    # -- GPU warm-up --------------------------------------------------------------------------
+    def compile(self) -> None:
+        """Compile the per-layer pieces (once for all layers: they share code and shapes)."""
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._attn_in = torch.compile(attention_inputs, dynamic=True)
+        self._attn_out = torch.compile(attention_output_and_mlp, dynamic=True)
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, batch_sizes: list[int], progress=None) -> None:
+        """Record one CUDA graph per decode batch size (largest first, sharing one memory pool)."""
+        if self.device.type != "cuda" or self.multi_device or not self.use_triton:
+            return
+        pool = torch.cuda.graph_pool_handle()
+        sizes = sorted(set(batch_sizes), reverse=True)
+        for n, size in enumerate(sizes):
+            if progress:
+                progress(n, len(sizes), f"capturing decode graph for batch {size}")
+            inputs = torch.zeros(3, size, dtype=torch.long, device=self.device)
+            inputs[2].fill_(self.scratch_slot)
+            tokens, positions, slots = inputs[0], inputs[1], inputs[2]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up runs compile and autotune outside the capture
+                for _ in range(3):
+                    self._decode_step(tokens, positions, slots)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._decode_step(tokens, positions, slots)
+            self._graphs[size] = (graph, inputs, logits)
+        self._graph_sizes = sorted(self._graphs)
+        torch.cuda.synchronize()

@@ -1,0 +1,91 @@
+"""LLaVA checkpoints in Hugging Face format (model_type "llava"), e.g. xtuner/llava-llama-3-8b-v1_1-transformers.
+
+Loading, image preprocessing and the vision half (CLIP tower, feature layer, projector) are
+transformers' own `LlavaForConditionalGeneration` and the checkpoint's processor, so they match the
+seed card exactly. The prompt is the card's Llama-3 chat format:
+
+    <|start_header_id|>user<|end_header_id|>\\n\\n<image>\\nWhat are these?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
+
+(the tokenizer adds <|begin_of_text|> in front, as Meta's tokenizer.json does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlui.images import LoadedImage
+from vlui.models.base import Message, VisionChatModel
+
+HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+EOT = "<|eot_id|>"
+
+
+def render_llama3(messages: list[Message], system_prompt: str | None, image_placeholder: str, trim: bool = False) -> str:
+    """Llama-3 chat format; "<image placeholder>\n" opens the user message that carries the image.
+    `trim` strips each message the way Meta's chat template does (`| trim`)."""
+    parts = []
+    if system_prompt:
+        parts.append(HEADER.format(role="system") + (system_prompt.strip() if trim else system_prompt) + EOT)
+    for m in messages:
+        content = m.text
+        if m.image is not None:
+            content = image_placeholder + "\n" + content
+        parts.append(HEADER.format(role=m.role) + (content.strip() if trim else content) + EOT)
+    parts.append(HEADER.format(role="assistant"))
+    return "".join(parts)
+
+
+class LlavaHF(VisionChatModel):
+    family = "llava-hf"
+    quantization_skip_modules = ["vision_tower", "multi_modal_projector", "lm_head"]
+
+    def __init__(self, hf_model, processor, name: str):
+        self.hf_model = hf_model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        config = hf_model.config
+        self.decoder = hf_model.model.language_model
+        self.lm_head = hf_model.lm_head
+        if getattr(self.decoder.config, "model_type", None) != "llama":
+            raise ValueError(f"{name}: only LLaVA checkpoints with a Llama language model are supported")
+        if "<|start_header_id|>" not in self.tokenizer.get_vocab():
+            raise ValueError(f"{name}: only Llama-3 based LLaVA checkpoints (Llama-3 chat format) are supported")
+        self.image_placeholder = getattr(processor, "image_token", None) or "<image>"
+        self.image_token_id = config.image_token_id
+        self.vision_feature_layer = config.vision_feature_layer
+        self.vision_feature_select_strategy = config.vision_feature_select_strategy
+        vision = config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        self.image_token_count = patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+        self.context_length = self.decoder.config.max_position_embeddings
+        stops = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>")}
+        self.stop_token_ids = sorted(i for i in stops if i is not None and i != self.tokenizer.unk_token_id)
+
+    @classmethod
+    def load(cls, path: str, *, dtype: torch.dtype, device_map, quantization_config=None, local_files_only=False):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        hf_model = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, device_map=device_map, quantization_config=quantization_config,
+            local_files_only=local_files_only,
+        ).eval()
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+        return cls(hf_model, processor, name=path)
+
+    def render(self, messages: list[Message], system_prompt: str | None = None) -> str:
+        return render_llama3(messages, system_prompt, self.image_placeholder)
+
+    def preprocess(self, image: LoadedImage) -> torch.Tensor:
+        return self.processor.image_processor(images=image.image, return_tensors="pt")["pixel_values"][0]
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        tower = self.hf_model.model.vision_tower
+        pixels = pixels.to(device=next(tower.parameters()).device, dtype=tower.dtype)
+        out = self.hf_model.model.get_image_features(
+            pixel_values=pixels,
+            vision_feature_layer=self.vision_feature_layer,
+            vision_feature_select_strategy=self.vision_feature_select_strategy,
+        )
+        return torch.stack(list(out.pooler_output)).to(self.device)
