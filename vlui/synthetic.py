@@ -103,8 +103,8 @@ def llava_config(size: str = "tiny"):
     return LlavaConfig(
         vision_config=dict(model_type="clip_vision_model", **vision),
         text_config=dict(model_type="llama", vocab_size=128320, bos_token_id=128000, eos_token_id=128001,
-                         pad_token_id=128257, tie_word_embeddings=False, **text),
-        image_token_index=128256, projector_hidden_act="gelu", vision_feature_layer=-2,
+                         pad_token_id=128258, tie_word_embeddings=False, **text),
+        image_token_index=128257, projector_hidden_act="gelu", vision_feature_layer=-2,
         vision_feature_select_strategy="default", image_seq_length=576,
     )
 
@@ -149,26 +149,63 @@ def _randomize_small_params(model: torch.nn.Module, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
-# -- writers --------------------------------------------------------------------------------------
-def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """A tiny LLaVA-Llama-3 checkpoint in Hugging Face format, as xtuner's -transformers repo lays it out."""
-    from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
-
-    out = Path(out_dir)
-    torch.manual_seed(seed)
+# -- builders -------------------------------------------------------------------------------------
+def llava_tokenizer():
     tokenizer = llama3_tokenizer()
-    tokenizer.add_tokens(["<image>"], special_tokens=True)  # 128256
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})  # 128257
-    model = LlavaForConditionalGeneration(llava_config("tiny")).eval()
-    _randomize_small_params(model, seed)
-    image_processor = CLIPImageProcessorPil(
+    # As in xtuner's repo: 128256 <unk>, 128257 <image>, 128258 <pad>.
+    tokenizer.add_special_tokens({"unk_token": "<unk>"})
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    return tokenizer
+
+
+def llava_processor(tokenizer):
+    from transformers import LlavaProcessor
+
+    try:  # transformers >= 5.2x names the PIL backend explicitly
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+    image_processor = ImageProcessor(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, resample=3,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
     )
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               image_token="<image>")
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>")
+
+
+def random_model(family: str, size: str, device: str = "cpu", dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A random-weight model built in memory on `device` (full-size models need no disk), ready to serve."""
+    from vlui.models.llava_hf import LlavaHF
+    from vlui.models.qh360vl import QH360VL, QH360VLConfig, QH360VLForCausalLM
+
+    torch.manual_seed(seed)
+    if family == "llava":
+        from transformers import LlavaForConditionalGeneration
+
+        with torch.device(device):
+            hf_model = LlavaForConditionalGeneration._from_config(llava_config(size), dtype=dtype).eval()
+        return LlavaHF(hf_model, llava_processor(llava_tokenizer()), name=f"random-llava-llama3-{size}")
+    if size == "tiny":
+        raise ValueError("build tiny 360VL checkpoints with write_tiny_360vl (its vision tower config lives on disk)")
+    config = QH360VLConfig(**qh360vl_config_dict(size))
+    with torch.device(device):
+        hf_model = QH360VLForCausalLM._from_config(config, dtype=dtype).eval()
+    return QH360VL(hf_model, llama3_tokenizer(), name=f"random-360vl-{size}")
+
+
+# -- writers --------------------------------------------------------------------------------------
+def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny LLaVA-Llama-3 checkpoint in Hugging Face format, as xtuner's -transformers repo lays it out."""
+    from transformers import LlavaForConditionalGeneration
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config("tiny")).eval()
+    _randomize_small_params(model, seed)
+    processor = llava_processor(llava_tokenizer())
     model.to(torch.bfloat16).save_pretrained(out)  # published in bf16
+    _published_llava_keys(out / "model.safetensors")
     processor.save_pretrained(out)
     # Lay the processor out as the published repo does: the image processor in preprocessor_config.json
     # (class named without a backend, so transformers picks one), the rest in processor_config.json.
@@ -179,6 +216,20 @@ def write_tiny_llava(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
     _published_tokenizer_class(out)
     return out
+
+
+def _published_llava_keys(file: Path) -> None:
+    """transformers 5 saves CLIP as vision_tower.embeddings...; the published LLaVA checkpoints (saved by
+    transformers 4.x) say vision_tower.vision_model.embeddings... Write those, so loading is tested on them."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(file)
+    renamed = {
+        (k.replace("vision_tower.", "vision_tower.vision_model.", 1)
+         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model.") else k): v
+        for k, v in state.items()
+    }
+    save_file(renamed, file, metadata={"format": "pt"})
 
 
 def _published_tokenizer_class(out: Path) -> None:

@@ -194,6 +194,7 @@ class Engine:
             )
         return min(cfg.max_batch, fit)
 
+    @torch.inference_mode()
     def _warm_up_prefill(self) -> None:
         """Compile prefill shapes now rather than on the first user's request."""
         hidden = self.model.decoder.config.hidden_size
@@ -228,7 +229,7 @@ class Engine:
             prompt=prompt,
             params=params,
             conversation_id=conversation_id,
-            stop_ids=self.stop_ids,
+            stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             pixels=pixels,
             detok=IncrementalDetokenizer(self.model.tokenizer),
         )

@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
 
     def validate(self) -> "SamplingParams":
         """Raise ValueError with a sentence naming the bad setting."""

@@ -108,12 +108,27 @@ class QH360VLConfig(LlamaConfig):
         return CLIPVisionConfig.from_pretrained(name)
 
 
+def clip_transformer(model: nn.Module) -> nn.Module:
+    """The module holding embeddings/encoder/layernorms: CLIPVisionModel itself in recent transformers,
+    its `.vision_model` attribute in older releases."""
+    inner = getattr(model, "vision_model", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+class CLIPHolder(nn.Module):
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = clip_transformer(CLIPVisionModel(config))
+
+
 class VisionTower(nn.Module):
-    """Holds the CLIP model under the attribute name the checkpoint uses: model.vision_tower.vision_tower."""
+    """CLIP under the names the official checkpoint uses, whatever the transformers version:
+    model.vision_tower.vision_tower.vision_model.{embeddings,pre_layrnorm,encoder,post_layernorm}."""
 
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
-        self.vision_tower = CLIPVisionModel(config)
+        self.vision_tower = CLIPHolder(config)
 
 
 class QH360VLModel(LlamaModel):
@@ -220,9 +235,8 @@ class QH360VL(VisionChatModel):
         if tower_missing:
             # The official loader always takes CLIP from mm_vision_tower; do the same when the checkpoint lacks it.
             log.info("loading the vision tower from %s", config.mm_vision_tower)
-            tower = hf_model.model.vision_tower.vision_tower
             source = CLIPVisionModel.from_pretrained(config.mm_vision_tower, dtype=dtype, local_files_only=local_files_only)
-            tower.load_state_dict(source.state_dict())
+            hf_model.model.vision_tower.vision_tower.vision_model.load_state_dict(clip_transformer(source).state_dict())
         # The released repos ship Meta's tokenizer.json. Loading it directly (not via AutoTokenizer) keeps
         # transformers from reading config.json's auto_map and offering to run remote code.
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=local_files_only)
@@ -239,10 +253,11 @@ class QH360VL(VisionChatModel):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [N, 5, 3, 336, 336] -> [N, 1152, hidden]."""
         model = self.hf_model.model
-        tower = model.vision_tower.vision_tower
+        tower = model.vision_tower.vision_tower.vision_model
+        weight = tower.embeddings.patch_embedding.weight
         n = pixels.shape[0]
-        views = pixels.flatten(0, 1).to(device=next(tower.parameters()).device, dtype=tower.dtype)
-        hidden = tower(views, output_hidden_states=True).hidden_states[self.select_layer][:, 1:]
+        views = pixels.flatten(0, 1).to(device=weight.device, dtype=weight.dtype)
+        hidden = tower(pixel_values=views, output_hidden_states=True).hidden_states[self.select_layer][:, 1:]
         hidden = hidden.reshape(n, 5, *hidden.shape[1:])
         ctt, ori = model.mm_projector_ctt, model.mm_projector_ori
         local = ctt(stitch_crops(hidden[:, :4]).to(next(ctt.parameters()).device))
