@@ -107,6 +107,16 @@ def prefill_flops(model, prompt) -> int:
 
     pixels = torch.stack([model.preprocess(img) for img in prompt.images]) if prompt.images else None
     ids = torch.tensor(prompt.token_ids, device=model.device)
+    # Count attention as plain matmuls: the FLOP counter cannot read grouped-query SDPA calls.
+    config = model.decoder.config
+    saved, config._attn_implementation = config._attn_implementation, "eager"
+    try:
+        return _count_prefill(model, prompt, pixels, ids, FlopCounterMode)
+    finally:
+        config._attn_implementation = saved
+
+
+def _count_prefill(model, prompt, pixels, ids, FlopCounterMode) -> int:
     with FlopCounterMode(display=False) as counter:
         embeds = model.decoder.embed_tokens(ids)
         if pixels is not None:

@@ -118,6 +118,14 @@ class _Request:
 
 
 @dataclass
+class _Step:
+    """A launched decoding step whose sampled ids have not been read back yet."""
+
+    batch: list
+    ids: torch.Tensor
+
+
+@dataclass
 class _CachedSlot:
     conversation_id: str | None
     keys: list  # what each written position holds (token id or image key)
@@ -150,6 +158,8 @@ class Engine:
         self._stopping = False
         self.runner: LlamaRunner | None = None
         self._seen: torch.Tensor | None = None  # [slots, vocab] tokens seen, for repetition penalty
+        self._inflight: _Step | None = None
+        self._params_cache: tuple | None = None
         self.counters = {"decode_steps": 0, "prefill_tokens": 0, "reused_tokens": 0, "image_cache_hits": 0}
 
     # -- set-up -------------------------------------------------------------------------------
@@ -267,7 +277,7 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._lock:
-                while not self._stopping and not (self._pending or self._prefilling or self._decoding):
+                while not self._stopping and not (self._pending or self._prefilling or self._decoding or self._inflight):
                     self._lock.wait(timeout=1.0)
                 if self._stopping:
                     break
@@ -277,6 +287,7 @@ class Engine:
                 self._decode_step()
             except Exception as exc:  # a failed batch fails its requests, not the engine
                 log.exception("decode step failed")
+                self._inflight = None
                 for req in list(self._decoding):
                     self._fail(req, exc)
             self._prefill_step()
@@ -384,8 +395,8 @@ class Engine:
                 return
             self._prefilling.popleft()
             req.embeds = None
+            token = self._sample([req], logits[None]).item()
             req.first_token_at = time.perf_counter()
-            token = self._sample([req], logits[None])[0]
             self._decoding.append(req)
             self._accept(req, token)
         except Exception as exc:
@@ -393,30 +404,61 @@ class Engine:
             self._fail(req, exc)
 
     def _decode_step(self) -> None:
-        batch = list(self._decoding)
-        if not batch:
-            return
-        slots = [r.slot for r in batch]
-        tokens = [r.generated[-1] for r in batch]
-        positions = [r.filled for r in batch]
-        logits = self.runner.decode(slots, tokens, positions)
-        self.counters["decode_steps"] += 1
-        for r in batch:
-            r.filled += 1
-        for req, token in zip(batch, self._sample(batch, logits)):
-            self._accept(req, token)
+        """One decoding step for every decoding request, overlapped with streaming the previous one.
 
-    def _sample(self, batch: list[_Request], logits: torch.Tensor) -> list[int]:
-        device = logits.device
-        params = [r.params for r in batch]
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        penalty = seen = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
-            seen = self._seen[torch.tensor([r.slot for r in batch], device=self._seen.device)].to(device)
-        use_top_p = any(p.top_p < 1.0 and not p.greedy for p in params)
-        return sample(logits, temperature, top_p, penalty, seen, use_top_p=use_top_p).tolist()
+        While the batch stays the same, step t+1 is launched with the ids sampled at step t still on
+        the GPU, and only then are step t's ids read back and streamed: the GPU never waits for
+        Python. A request that finished at step t has its row of step t+1 discarded.
+        """
+        previous, self._inflight = self._inflight, None
+        batch = list(self._decoding)
+        steady = previous is not None and previous.batch == batch
+        if steady and all(r.filled < self.runner.max_seq_len for r in batch):
+            self._inflight = self._launch(batch, previous.ids)
+            self._consume(previous)
+            return
+        if previous is not None:
+            self._consume(previous)
+            batch = list(self._decoding)
+        if batch:
+            self._inflight = self._launch(batch, [r.generated[-1] for r in batch])
+
+    def _launch(self, batch: list[_Request], tokens) -> _Step:
+        positions = [r.filled for r in batch]
+        logits = self.runner.decode([r.slot for r in batch], tokens, positions)
+        for r in batch:
+            r.filled += 1  # the input token's KV is written now
+        self.counters["decode_steps"] += 1
+        return _Step(batch, self._sample(batch, logits))
+
+    def _consume(self, step: _Step) -> None:
+        for req, token in zip(step.batch, step.ids.tolist()):
+            if not req.handle.finished.is_set():
+                self._accept(req, token)
+
+    def _batch_params(self, batch: list[_Request], device) -> tuple:
+        """Per-row sampling tensors, rebuilt only when the batch changes."""
+        key = tuple(r.handle.id for r in batch)
+        if self._params_cache is None or self._params_cache[0] != key:
+            params = [r.params for r in batch]
+            as_tensor = lambda xs, dt=torch.float32: torch.tensor(xs, dtype=dt, device=device)  # noqa: E731
+            penalised = any(p.repetition_penalty != 1.0 for p in params)
+            self._params_cache = (key, (
+                as_tensor([p.temperature for p in params]),
+                as_tensor([p.top_p for p in params]),
+                as_tensor([p.repetition_penalty for p in params]) if penalised else None,
+                as_tensor([r.slot for r in batch], torch.long).to(self._seen.device),
+                any(p.top_p < 1.0 and not p.greedy for p in params),
+            ))
+        return self._params_cache[1]
+
+    def _sample(self, batch: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        """Token ids [B], left on the device; marks them seen (repetition penalty) on the device too."""
+        temperature, top_p, penalty, slots, use_top_p = self._batch_params(batch, logits.device)
+        seen = self._seen[slots].to(logits.device) if penalty is not None else None
+        ids = sample(logits, temperature, top_p, penalty, seen, use_top_p=use_top_p)
+        self._seen[slots, ids.to(self._seen.device)] = True
+        return ids
 
     def _accept(self, req: _Request, token: int) -> None:
         """A new token for `req`: stream it, or finish the request."""
@@ -424,13 +466,12 @@ class Engine:
             self._finish(req, "stop")
             return
         req.generated.append(token)
-        self._seen[req.slot, token] = True
         delta = req.detok.push(token)
         if delta:
             req.handle._events.put(StreamEvent("text", text=delta))
         if len(req.generated) >= req.params.max_new_tokens:
             self._finish(req, "length")
-        elif req.filled >= self.runner.max_seq_len:  # no room to write this token
+        elif len(req.prompt) + len(req.generated) > self.runner.max_seq_len:  # no position left for this token
             self._finish(req, "context")
 
     def _remove(self, req: _Request) -> None:

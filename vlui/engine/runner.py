@@ -175,22 +175,27 @@ class LlamaRunner:
         return self.lm_head(last)
 
     @torch.inference_mode()
-    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits [B, V] for the next token of each row."""
+    def decode(self, slots: list[int], tokens: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """Logits [B, V] for the next token of each row. `tokens` may be a device tensor (the ids just
+        sampled), so consecutive steps need no round trip through the host."""
         batch = len(slots)
+        on_device = isinstance(tokens, torch.Tensor)
         at = bisect.bisect_left(self._graph_sizes, batch)
         if at < len(self._graph_sizes):
             size = self._graph_sizes[at]
             graph, inputs, logits = self._graphs[size]
             pad = size - batch
-            host = torch.tensor(
-                [tokens + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad], dtype=torch.long
-            )
-            inputs.copy_(host, non_blocking=True)
+            rows = [positions + [0] * pad, slots + [self.scratch_slot] * pad]
+            if on_device:
+                inputs[0, :batch].copy_(tokens)
+                inputs[1:].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+            else:
+                inputs.copy_(torch.tensor([tokens + [0] * pad, *rows], dtype=torch.long), non_blocking=True)
             graph.replay()
             return logits[:batch]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return self._decode_step(as_tensor(tokens), as_tensor(positions), as_tensor(slots), max(positions) + 1)
+        tokens = tokens.to(self.device) if on_device else as_tensor(tokens)
+        return self._decode_step(tokens, as_tensor(positions), as_tensor(slots), max(positions) + 1)
 
     # -- GPU warm-up --------------------------------------------------------------------------
     def compile(self) -> None:
