@@ -179,7 +179,20 @@ def stream_figures(start: float, times: list[float], end: float) -> dict:
         "decode_tok_s": (len(times) - 1) / decode_s if decode_s > 0 else None,
         "worst_gap_s": max(gaps) if gaps else None,
         "wall_s": end - start,
+        "_times": times,
     }
+
+
+def steady_state_tok_s(results: list[dict]) -> float | None:
+    """Tokens per second while every stream was running: from the last stream's first token to the
+    first stream's last token (users join and leave at random, so this is the fully batched window)."""
+    streams = [r["_times"] for r in results if len(r["_times"]) > 1]
+    if not streams:
+        return None
+    lo, hi = max(t[0] for t in streams), min(t[-1] for t in streams)
+    if hi - lo < 0.2:
+        return None
+    return sum(1 for t in streams for x in t if lo <= x <= hi) / (hi - lo)
 
 
 def run_concurrent(fn, users: int, stagger_s: float, seed: int) -> tuple[list[dict], float]:
@@ -211,6 +224,7 @@ def summarize_users(results: list[dict], wall: float) -> dict:
         "slowest_stream_tok_s": min(rates) if rates else None,
         "worst_first_token_s": max(r["first_token_s"] for r in results if r["first_token_s"] is not None),
         "worst_gap_s": max((r["worst_gap_s"] or 0.0) for r in results),
+        "steady_tok_s": steady_state_tok_s(results),
         "wall_s": wall,
     }
 
@@ -236,6 +250,43 @@ def engine_stream(engine: Engine, prompt, params: SamplingParams) -> dict:
     figures["decode_tok_s"] = stats["tokens_per_s"]
     figures["max_queue_position"] = 0
     return figures
+
+
+@torch.inference_mode()
+def first_token_breakdown(engine: Engine, model, prompt) -> dict:
+    """Where the time to first token goes, each stage timed alone (synchronized), plus the speed of
+    the decode step by itself (CUDA-graph replays with no sampling or streaming)."""
+    device = engine.runner.device
+    timings = {}
+    pixels = torch.stack([model.preprocess(img) for img in prompt.images])  # warm (first-call costs)
+    start = time.perf_counter()
+    pixels = torch.stack([model.preprocess(img) for img in prompt.images])
+    timings["preprocess_s"] = time.perf_counter() - start
+    pixels = pixels.to(device, model.dtype)
+    engine._encode(pixels)
+    sync(device)
+    start = time.perf_counter()
+    features = engine._encode(pixels)
+    sync(device)
+    timings["vision_s"] = time.perf_counter() - start
+    embeds = model.decoder.embed_tokens(torch.tensor(prompt.token_ids, device=device))
+    s, n = prompt.image_spans[0]
+    embeds[s : s + n] = features[0].to(embeds.dtype)
+    sync(device)
+    start = time.perf_counter()
+    engine.runner.prefill(engine.runner.scratch_slot, embeds, 0)
+    sync(device)
+    timings["prefill_s"] = time.perf_counter() - start
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    steps, pos = 64, len(prompt)
+    engine.runner.decode([engine.runner.scratch_slot], token, [pos])
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        engine.runner.decode([engine.runner.scratch_slot], token, [pos + i])
+    sync(device)
+    timings["decode_step_only_tok_s"] = steps / (time.perf_counter() - start)
+    return timings
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -310,18 +361,24 @@ def main(argv: list[str] | None = None) -> dict:
     # The same image again is served from the feature cache; a new image shows the full cost.
     out["vlui_single"] = engine_stream(engine, build_prompt(model, QUESTIONS[0], test_image(args.seed + 1000)), greedy)
 
+    out["vlui_breakdown"] = first_token_breakdown(engine, model, build_prompt(model, QUESTIONS[0], test_image(args.seed + 2000)))
+
     rng = random.Random(args.seed)
 
+    # Different questions, every fourth user without an image, half of them sampling, lengths N/2..N.
+    user_prompts = [build_prompt(model, QUESTIONS[i % 4], test_image(args.seed + i) if i % 4 != 3 else None)
+                    for i in range(args.users)]
+    user_tokens = [rng.randint(new // 2, new) for _ in range(args.users)]
+
     def one_user(i: int) -> dict:
-        question = QUESTIONS[i % len(QUESTIONS)]
-        image = test_image(args.seed + i) if i % 4 != 3 else None  # every fourth user chats without an image
-        tokens = rng.randint(new // 2, new)
-        params = SamplingParams(max_new_tokens=tokens, ignore_eos=True, temperature=0.7 if i % 2 else 0.0, top_p=0.9)
-        return engine_stream(engine, build_prompt(model, question, image), params)
+        params = SamplingParams(max_new_tokens=user_tokens[i], ignore_eos=True,
+                                temperature=0.7 if i % 2 else 0.0, top_p=0.9)
+        return engine_stream(engine, user_prompts[i], params)
 
     results, wall = run_concurrent(one_user, args.users, args.stagger, args.seed)
     out["vlui_multi"] = summarize_users(results, wall)
-    contexts = [len(build_prompt(model, QUESTIONS[i % 4], None)) + new // 2 for i in range(args.users)]
+    # KV read per step at the streams' mean length while decoding (prompt + half of the answer).
+    contexts = [len(p) + t / 2 for p, t in zip(user_prompts, user_tokens)]
     batch = min(args.users, engine.runner.num_slots)
     kv_read = engine.runner.kv_bytes_per_token * statistics.mean(contexts) * batch
     out["roofline_batched_tok_s"] = batch * out["copy_bandwidth_GBps"] * 1e9 / (wbytes + kv_read)
@@ -349,10 +406,13 @@ def main(argv: list[str] | None = None) -> dict:
         "vlui_batch1_vs_roofline": (single["decode_tok_s"] or 0) / out["roofline_batch1_tok_s"],
         "vlui_first_token_vs_floor": single["first_token_s"] / out["first_token_floor_s"],
         "vlui_multi_vs_batched_roofline": out["vlui_multi"]["aggregate_tok_s"] / out["roofline_batched_tok_s"],
+        "vlui_steady_vs_batched_roofline": (out["vlui_multi"]["steady_tok_s"] or 0) / out["roofline_batched_tok_s"],
     }
     if "baseline_single" in out:
         base = out["baseline_single"]
         out["ratios"]["vlui_vs_baseline_decode"] = (single["decode_tok_s"] or 0) / (base["decode_tok_s"] or 1)
+    for key in ("baseline_single", "vlui_single"):
+        out.get(key, {}).pop("_times", None)
     print_table(out)
     print(json.dumps(out, default=float))
     return out
@@ -374,11 +434,15 @@ def print_table(out: dict) -> None:
         ("multi-user slowest stream tok/s", out.get("baseline_multi", {}).get("slowest_stream_tok_s"), out["vlui_multi"]["slowest_stream_tok_s"], None),
         ("multi-user worst first token s", out.get("baseline_multi", {}).get("worst_first_token_s"), out["vlui_multi"]["worst_first_token_s"], None),
         ("multi-user worst gap s", out.get("baseline_multi", {}).get("worst_gap_s"), out["vlui_multi"]["worst_gap_s"], None),
+        ("multi-user steady-state tok/s (all streaming)", out.get("baseline_multi", {}).get("steady_tok_s"), out["vlui_multi"]["steady_tok_s"], out["roofline_batched_tok_s"]),
     ]
     for name, base, ours, limit in rows:
         print(f"{name:<44}{fmt(base):>14}{fmt(ours):>14}{fmt(limit):>14}")
     users = (out.get("baseline_multi", {}).get("users"), out["vlui_multi"]["users"])
     print(f"(multi-user: baseline {users[0]} threads, vlui {users[1]} streams; engine warm-up {out['engine_warmup_s']:.1f} s)")
+    b = out["vlui_breakdown"]
+    print(f"vlui first token: preprocess {b['preprocess_s'] * 1e3:.1f} ms, vision {b['vision_s'] * 1e3:.1f} ms, "
+          f"prefill {b['prefill_s'] * 1e3:.1f} ms; decode step alone {b['decode_step_only_tok_s']:.1f} tok/s")
     o = out["overload"]
     print(f"overload: {o['completed']}/{o['users']} completed, max queue position {o['max_queue_position']}")
     print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in out["ratios"].items()))

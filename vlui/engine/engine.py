@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlui.engine.detokenize import IncrementalDetokenizer
-from vlui.engine.runner import LlamaRunner
+from vlui.engine.runner import GraphedFunction, LlamaRunner
 from vlui.engine.sampling import SamplingParams, sample
 from vlui.models.base import PreparedPrompt, VisionChatModel
 
@@ -159,6 +159,7 @@ class Engine:
         self.runner: LlamaRunner | None = None
         self._seen: torch.Tensor | None = None  # [slots, vocab] tokens seen, for repetition penalty
         self._inflight: _Step | None = None
+        self._vision_graph: GraphedFunction | None = None
         self._params_cache: tuple | None = None
         self.counters = {"decode_steps": 0, "prefill_tokens": 0, "reused_tokens": 0, "image_cache_hits": 0}
 
@@ -182,10 +183,29 @@ class Engine:
         if cfg.cuda_graphs if cfg.cuda_graphs is not None else on_cuda:
             sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if s < slots] + [slots]
             self.runner.capture_cuda_graphs(sizes, progress=lambda i, n, msg: progress(2, 3, f"{msg} ({i + 1}/{n})"))
+            self._capture_vision()
         self._thread = threading.Thread(target=self._loop, name="vlui-inference", daemon=True)
         self._thread.start()
         progress(3, 3, "ready")
         return self
+
+    def _capture_vision(self) -> None:
+        """One image's vision encoding as a CUDA graph: tens of ms of kernel launches become one."""
+        from PIL import Image
+
+        from vlui.images import LoadedImage
+
+        if self.runner.multi_device:
+            return
+        blank = LoadedImage(Image.new("RGB", (64, 64)), digest="warm-up", name="warm-up")
+        example = self.model.preprocess(blank)[None].to(self.runner.device, self.model.dtype)
+        try:
+            self._vision_graph = GraphedFunction(self.model.encode_images, example)
+        except Exception:  # a model whose vision code cannot be captured still works, eagerly
+            log.warning("vision encoder runs without a CUDA graph", exc_info=True)
+
+    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return (self._vision_graph or self.model.encode_images)(pixels)
 
     def _slots_that_fit(self, max_seq: int) -> int:
         cfg, decoder = self.config, self.model.decoder
@@ -326,7 +346,11 @@ class Engine:
         return True
 
     def _admit(self) -> None:
-        while True:
+        # While answers are streaming, take in one new request per step: preparing one (vision
+        # encoding) is a pause for every running stream, and several at once would add up.
+        budget = 1 if self._decoding else self.config.max_batch
+        while budget > 0:
+            budget -= 1
             with self._lock:
                 if not self._pending:
                     break
@@ -375,7 +399,7 @@ class Engine:
             return features
         if pixels is None:  # evicted between submit and now
             pixels = self.model.preprocess(image)
-        features = self.model.encode_images(pixels[None])[0]
+        features = self._encode(pixels[None].to(self.runner.device, self.model.dtype))[0]
         self._image_cache[digest] = features
         while len(self._image_cache) > self.config.image_cache_size:
             self._image_cache.popitem(last=False)
@@ -449,14 +473,18 @@ class Engine:
                 as_tensor([p.repetition_penalty for p in params]) if penalised else None,
                 as_tensor([r.slot for r in batch], torch.long).to(self._seen.device),
                 any(p.top_p < 1.0 and not p.greedy for p in params),
+                all(p.greedy for p in params) and not penalised,
             ))
         return self._params_cache[1]
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         """Token ids [B], left on the device; marks them seen (repetition penalty) on the device too."""
-        temperature, top_p, penalty, slots, use_top_p = self._batch_params(batch, logits.device)
-        seen = self._seen[slots].to(logits.device) if penalty is not None else None
-        ids = sample(logits, temperature, top_p, penalty, seen, use_top_p=use_top_p)
+        temperature, top_p, penalty, slots, use_top_p, all_greedy = self._batch_params(batch, logits.device)
+        if all_greedy:
+            ids = logits.argmax(dim=-1)
+        else:
+            seen = self._seen[slots].to(logits.device) if penalty is not None else None
+            ids = sample(logits, temperature, top_p, penalty, seen, use_top_p=use_top_p)
         self._seen[slots, ids.to(self._seen.device)] = True
         return ids
 
