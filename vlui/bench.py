@@ -272,6 +272,7 @@ def first_token_breakdown(engine: Engine, model, prompt) -> dict:
     embeds = model.decoder.embed_tokens(torch.tensor(prompt.token_ids, device=device))
     s, n = prompt.image_spans[0]
     embeds[s : s + n] = features[0].to(embeds.dtype)
+    engine.runner.prefill(engine.runner.scratch_slot, embeds, 0)  # warm
     sync(device)
     start = time.perf_counter()
     engine.runner.prefill(engine.runner.scratch_slot, embeds, 0)

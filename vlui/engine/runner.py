@@ -19,6 +19,7 @@ kernel launches from Python. On the CPU the same functions run eagerly with SDPA
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,8 +59,13 @@ def fuse_layer(layer: nn.Module) -> FusedWeights | None:
     return FusedWeights(qkv, gate_up, split)
 
 
-def attention_inputs(layer, fused: FusedWeights | None, hidden, cos, sin, head_dim: int):
-    """Pre-attention half of a decoder layer: norm, q/k/v projections, rotary embedding."""
+def layer_head(layer, fused: FusedWeights | None, hidden, delta, cos, sin, k_cache, v_cache, slots, positions,
+               head_dim: int, write_kv: bool = True):
+    """Start of a decoder layer: add the previous layer's MLP output (deferred to here so the add fuses
+    with this norm), norm, q/k/v projections, rotary embedding, and write k and v into the cache at
+    ([B, T] index tensors) `slots`, `positions`. Returns hidden and q, k, v as [B, heads, T, D]."""
+    if delta is not None:
+        hidden = hidden + delta
     x = layer.input_layernorm(hidden)
     batch, length, _ = x.shape
     attn = layer.self_attn
@@ -71,19 +77,27 @@ def attention_inputs(layer, fused: FusedWeights | None, hidden, cos, sin, head_d
     k = k.view(batch, length, -1, head_dim).transpose(1, 2)
     v = v.view(batch, length, -1, head_dim).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, k, v
+    if write_kv:
+        k_cache[slots, :, positions] = k.transpose(1, 2)
+        v_cache[slots, :, positions] = v.transpose(1, 2)
+    return hidden, q, k, v
 
 
-def attention_output_and_mlp(layer, fused: FusedWeights | None, hidden, attn_out):
-    """Post-attention half: output projection, residual, norm, MLP, residual. attn_out [B, H, T, D]."""
+def layer_tail(layer, fused: FusedWeights | None, hidden, attn_out):
+    """Rest of the layer: output projection and residual, norm, MLP. attn_out [B, H, T, D].
+    Returns (hidden, mlp_out); the next layer_head (or the final norm) adds mlp_out."""
     batch, heads, length, head_dim = attn_out.shape
     hidden = hidden + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(batch, length, heads * head_dim))
     x = layer.post_attention_layernorm(hidden)
     mlp = layer.mlp
     if fused is not None:
         gate, up = F.linear(x, fused.gate_up).chunk(2, dim=-1)
-        return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-    return hidden + mlp(x)
+        return hidden, mlp.down_proj(mlp.act_fn(gate) * up)
+    return hidden, mlp(x)
+
+
+def final_norm(norm, hidden, delta):
+    return norm(hidden + delta)
 
 
 class LlamaRunner:
@@ -107,8 +121,12 @@ class LlamaRunner:
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=d) for d in self.layer_devices]
         self.fused = [fuse_layer(layer) if fuse else None for layer in self.layers]
         self.use_triton = not self.multi_device and triton_available(self.device) and self.head_dim >= 16
-        self._attn_in = attention_inputs
-        self._attn_out = attention_output_and_mlp
+        self._head = layer_head
+        self._tail = layer_tail
+        self._final = final_norm
+        # Writing k/v inside the compiled head lets the write fuse with the rotary embedding; it can
+        # be moved out (VLUI_KV_WRITE=eager) to compare.
+        self._write_in_head = os.environ.get("VLUI_KV_WRITE", "compiled") != "eager"
         self._graphs: dict[int, tuple] = {}
         self._graph_sizes: list[int] = []
 
@@ -125,54 +143,67 @@ class LlamaRunner:
             raise ValueError(f"prefill past the cache: {start}+{length} > {self.max_seq_len}")
         hidden = embeds[None].to(self.device, self.dtype)
         positions = torch.arange(start, start + length, device=self.device)[None]
-        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        slots = torch.full_like(positions, slot)
         causal = None
         if start > 0:  # attend to the reused prefix too: query i sees keys 0..start+i
             causal = torch.ones(length, start + length, dtype=torch.bool, device=self.device).tril(start)
-        for i, layer in enumerate(self.layers):
-            if self.multi_device:
-                hidden, cos, sin = (t.to(self.layer_devices[i]) for t in (hidden, cos, sin))
-                causal = causal.to(self.layer_devices[i]) if causal is not None else None
-            q, k, v = self._attn_in(layer, self.fused[i], hidden, cos, sin, self.head_dim)
-            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache[slot, :, start : start + length] = k[0]
-            v_cache[slot, :, start : start + length] = v[0]
+
+        def attend(i, q, k, v):
             if start == 0:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:
-                keys = k_cache[slot : slot + 1, :, : start + length]
-                values = v_cache[slot : slot + 1, :, : start + length]
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal, enable_gqa=True)
-            hidden = self._attn_out(layer, self.fused[i], hidden, out)
-        last = self.decoder.norm(hidden[:, -1:].to(self.lm_head.weight.device))
-        return self.lm_head(last)[0, -1]
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            keys = self.k_cache[i][slot : slot + 1, :, : start + length]
+            values = self.v_cache[i][slot : slot + 1, :, : start + length]
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=causal.to(q.device), enable_gqa=True)
+
+        hidden = self._layers(hidden, positions, slots, attend, last_only=True)
+        return self.lm_head(hidden)[0, -1]
+
+    def _layers(self, hidden, positions, slots, attend, last_only: bool = False):
+        """All decoder layers and the final norm. positions/slots [B, T]; attend(i, q, k, v) -> [B, H, T, D]."""
+        cos, sin = self.decoder.rotary_emb(hidden, positions)
+        index = {self.device: (slots, positions)}
+        delta = None
+        for i, layer in enumerate(self.layers):
+            device = self.layer_devices[i]
+            if device not in index:
+                index[device] = (slots.to(device), positions.to(device))
+            if self.multi_device:
+                hidden, cos, sin = (t.to(device) for t in (hidden, cos, sin))
+                delta = delta.to(device) if delta is not None else None
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            hidden, q, k, v = self._head(layer, self.fused[i], hidden, delta, cos, sin, k_cache, v_cache,
+                                         *index[device], self.head_dim, self._write_in_head)
+            if not self._write_in_head:
+                k_cache[index[device][0], :, index[device][1]] = k.transpose(1, 2)
+                v_cache[index[device][0], :, index[device][1]] = v.transpose(1, 2)
+            hidden, delta = self._tail(layer, self.fused[i], hidden, attend(i, q, k, v))
+        if last_only:
+            hidden, delta = hidden[:, -1:], delta[:, -1:]
+        head_device = self.lm_head.weight.device
+        return self._final(self.decoder.norm, hidden.to(head_device), delta.to(head_device))
 
     # -- decode -------------------------------------------------------------------------------
     def _decode_step(self, tokens, positions, slots, max_len: int | None = None):
         """One token for each row. tokens/positions/slots are [B] int64 tensors on the device."""
         hidden = self.decoder.embed_tokens(tokens)[:, None, :]
-        pos = positions[:, None]
-        cos, sin = self.decoder.rotary_emb(hidden, pos)
-        lengths = positions + 1
-        on_device = {self.device: (slots, positions, lengths)}
-        for i, layer in enumerate(self.layers):
-            device = self.layer_devices[i]
-            if device not in on_device:
-                on_device[device] = tuple(t.to(device) for t in (slots, positions, lengths))
-            slots_i, positions_i, lengths_i = on_device[device]
-            if self.multi_device:
-                hidden, cos, sin = (t.to(device) for t in (hidden, cos, sin))
-            q, k, v = self._attn_in(layer, self.fused[i], hidden, cos, sin, self.head_dim)
-            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
-            k_cache[slots_i, :, positions_i] = k[:, :, 0]
-            v_cache[slots_i, :, positions_i] = v[:, :, 0]
+        lengths = {self.device: positions + 1}
+        by_device = {self.device: (slots, positions)}
+
+        def attend(i, q, k, v):
+            device = q.device
+            if device not in lengths:
+                lengths[device] = (positions + 1).to(device)
+                by_device[device] = (slots.to(device), positions.to(device))
+            row_slots = by_device[device][0]
             if self.use_triton:
-                out = decode_attention(q[:, :, 0], k_cache, v_cache, slots_i, lengths_i)
+                out = decode_attention(q[:, :, 0], self.k_cache[i], self.v_cache[i], row_slots, lengths[device])
             else:
-                out = decode_attention_reference(q[:, :, 0], k_cache, v_cache, slots_i, lengths_i, max_len)
-            hidden = self._attn_out(layer, self.fused[i], hidden, out[:, :, None])
-        last = self.decoder.norm(hidden[:, 0].to(self.lm_head.weight.device))
-        return self.lm_head(last)
+                out = decode_attention_reference(q[:, :, 0], self.k_cache[i], self.v_cache[i], row_slots,
+                                                 lengths[device], max_len)
+            return out[:, :, None]
+
+        hidden = self._layers(hidden, positions[:, None], slots[:, None], attend)
+        return self.lm_head(hidden[:, 0])
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
@@ -201,8 +232,9 @@ class LlamaRunner:
     def compile(self) -> None:
         """Compile the per-layer pieces (once for all layers: they share code and shapes)."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        self._attn_in = torch.compile(attention_inputs, dynamic=True)
-        self._attn_out = torch.compile(attention_output_and_mlp, dynamic=True)
+        self._head = torch.compile(layer_head, dynamic=True)
+        self._tail = torch.compile(layer_tail, dynamic=True)
+        self._final = torch.compile(final_norm, dynamic=True)
 
     @torch.inference_mode()
     def capture_cuda_graphs(self, batch_sizes: list[int], progress=None) -> None:
