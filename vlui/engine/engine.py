@@ -107,6 +107,7 @@ class _Request:
     pixels: list[torch.Tensor | None]
     detok: IncrementalDetokenizer
     submitted: float = field(default_factory=time.perf_counter)
+    preprocess_s: float = 0.0
     slot: int = -1
     embeds: torch.Tensor | None = None  # prompt embeddings still to prefill, from position `filled`
     filled: int = 0  # positions of this slot whose KV is written
@@ -198,7 +199,7 @@ class Engine:
         if self.runner.multi_device:
             return
         blank = LoadedImage(Image.new("RGB", (64, 64)), digest="warm-up", name="warm-up")
-        example = self.model.preprocess(blank)[None].to(self.runner.device, self.model.dtype)
+        example = self.model.preprocess(blank)[None].to(self.runner.device)
         try:
             self._vision_graph = GraphedFunction(self.model.encode_images, example)
         except Exception:  # a model whose vision code cannot be captured still works, eagerly
@@ -252,7 +253,9 @@ class Engine:
         if len(prompt) >= self.runner.max_seq_len:
             raise ValueError(f"The prompt has {len(prompt)} tokens; the limit is {self.runner.max_seq_len - 1}.")
         # Preprocessing is CPU work: do it here, on the caller's thread, not on the GPU thread.
+        started = time.perf_counter()
         pixels = [None if img.digest in self._image_cache else self.model.preprocess(img) for img in prompt.images]
+        preprocess_s = time.perf_counter() - started
         handle = RequestHandle(self, next(self._ids))
         req = _Request(
             handle=handle,
@@ -262,6 +265,8 @@ class Engine:
             stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             pixels=pixels,
             detok=IncrementalDetokenizer(self.model.tokenizer),
+            submitted=started,
+            preprocess_s=preprocess_s,
         )
         with self._lock:
             if len(self._pending) >= self.config.max_queue:
@@ -399,7 +404,7 @@ class Engine:
             return features
         if pixels is None:  # evicted between submit and now
             pixels = self.model.preprocess(image)
-        features = self._encode(pixels[None].to(self.runner.device, self.model.dtype))[0]
+        features = self._encode(pixels[None].to(self.runner.device))[0]
         self._image_cache[digest] = features
         while len(self._image_cache) > self.config.image_cache_size:
             self._image_cache.popitem(last=False)
@@ -540,6 +545,7 @@ class Engine:
             "prompt_tokens": len(req.prompt),
             "reused_tokens": req.reused,
             "new_tokens": len(req.generated),
+            "preprocess_s": round(req.preprocess_s, 4),
             "queue_s": round((req.started_at or now) - req.submitted, 4),
             "first_token_s": round(req.first_token_at - req.submitted, 4) if req.first_token_at else None,
             "tokens_per_s": round((len(req.generated) - 1) / decode_time, 2) if decode_time > 0 and len(req.generated) > 1 else None,

@@ -86,9 +86,22 @@ class VisionChatModel:
         return [bos] if bos is not None else []
 
     # -- vision -------------------------------------------------------------------------------
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    rescale_factor: float = 1 / 255
+
     def preprocess(self, image: LoadedImage) -> torch.Tensor:
-        """Pixels for one image, on the CPU, in the layout `encode_images` takes."""
+        """uint8 pixels for one image, on the CPU, in the layout `encode_images` takes. Resizing is CPU
+        work (PIL, as the reference processors do); rescaling and normalizing happen on the device."""
         raise NotImplementedError
+
+    def normalize(self, pixels: torch.Tensor, device, dtype) -> torch.Tensor:
+        """uint8 pixels [..., 3, H, W] -> (x * rescale - mean) / std in float32 on `device`, then `dtype`:
+        the same arithmetic as the Hugging Face image processors."""
+        x = pixels.to(device, non_blocking=True).float() * self.rescale_factor
+        mean = torch.tensor(self.image_mean, device=device)[:, None, None]
+        std = torch.tensor(self.image_std, device=device)[:, None, None]
+        return ((x - mean) / std).to(dtype)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

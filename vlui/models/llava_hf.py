@@ -43,6 +43,10 @@ class LlavaHF(VisionChatModel):
         self.hf_model = hf_model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        image_processor = processor.image_processor
+        self.image_mean = tuple(image_processor.image_mean)
+        self.image_std = tuple(image_processor.image_std)
+        self.rescale_factor = image_processor.rescale_factor
         self.name = name
         config = hf_model.config
         self.decoder = hf_model.model.language_model
@@ -77,12 +81,17 @@ class LlavaHF(VisionChatModel):
         return render_llama3(messages, system_prompt, self.image_placeholder)
 
     def preprocess(self, image: LoadedImage) -> torch.Tensor:
-        return self.processor.image_processor(images=image.image, return_tensors="pt")["pixel_values"][0]
+        # The checkpoint's own processor resizes and crops; rescale and normalize run on the GPU.
+        resized = self.processor.image_processor(
+            images=image.image, return_tensors="pt", do_rescale=False, do_normalize=False
+        )["pixel_values"][0]
+        return resized.round().to(torch.uint8)
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         tower = self.hf_model.model.vision_tower
-        pixels = pixels.to(device=next(tower.parameters()).device, dtype=tower.dtype)
+        weight = next(tower.parameters())
+        pixels = self.normalize(pixels, weight.device, weight.dtype)
         out = self.hf_model.model.get_image_features(
             pixel_values=pixels,
             vision_feature_layer=self.vision_feature_layer,

@@ -45,7 +45,6 @@ SYSTEM_PROMPT = (
 )
 IMAGE_PLACEHOLDER = "<|reserved_special_token_44|>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # The tower the released checkpoints name. Its config is written here so no download is needed for it.
 KNOWN_TOWERS = {
@@ -166,21 +165,20 @@ def expand_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Imag
     return out
 
 
-def preprocess_360vl(img: Image.Image, view: int = 336, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """[5, 3, view, view]: four crops of the 2x view (TL, TR, BL, BR), then the global view."""
+def preprocess_360vl(img: Image.Image, view: int = 336, mean=CLIP_MEAN) -> torch.Tensor:
+    """uint8 [5, 3, view, view]: four crops of the 2x view (TL, TR, BL, BR), then the global view.
+    (Normalization, which the official code applies before cropping, is per pixel, so it commutes
+    with the crops and runs later on the device.)"""
     fill = tuple(int(m * 255) for m in mean)  # truncated, as in the official code: (122, 116, 104)
     big = expand_to_square(img.convert("RGB"), fill).resize((2 * view, 2 * view), Image.Resampling.BICUBIC)
     small = big.resize((view, view), Image.Resampling.BICUBIC)
-    mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32)[:, None, None]
 
-    def normalize(im: Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (pixels - mean_t) / std_t
+    def chw(im: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)
 
-    x2 = normalize(big)
+    x2 = chw(big)
     crops = [x2[:, r : r + view, c : c + view] for r in (0, view) for c in (0, view)]
-    return torch.stack([*crops, normalize(small)])
+    return torch.stack([*crops, chw(small)])
 
 
 def stitch_crops(features: torch.Tensor) -> torch.Tensor:
@@ -256,7 +254,7 @@ class QH360VL(VisionChatModel):
         tower = model.vision_tower.vision_tower.vision_model
         weight = tower.embeddings.patch_embedding.weight
         n = pixels.shape[0]
-        views = pixels.flatten(0, 1).to(device=weight.device, dtype=weight.dtype)
+        views = self.normalize(pixels.flatten(0, 1), weight.device, weight.dtype)
         hidden = tower(pixel_values=views, output_hidden_states=True).hidden_states[self.select_layer][:, 1:]
         hidden = hidden.reshape(n, 5, *hidden.shape[1:])
         ctt, ori = model.mm_projector_ctt, model.mm_projector_ori
