@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vlui.engine.detokenize import IncrementalDetokenizer
+from vlui.engine.detokenize import make_detokenizer
 from vlui.engine.runner import GraphedFunction, LlamaRunner
 from vlui.engine.sampling import SamplingParams, sample
 from vlui.models.base import PreparedPrompt, VisionChatModel
@@ -105,7 +105,7 @@ class _Request:
     conversation_id: str | None
     stop_ids: frozenset
     pixels: list[torch.Tensor | None]
-    detok: IncrementalDetokenizer
+    detok: object  # IncrementalDetokenizer or ByteDetokenizer
     submitted: float = field(default_factory=time.perf_counter)
     preprocess_s: float = 0.0
     slot: int = -1
@@ -185,6 +185,7 @@ class Engine:
             sizes = [s for s in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128) if s < slots] + [slots]
             self.runner.capture_cuda_graphs(sizes, progress=lambda i, n, msg: progress(2, 3, f"{msg} ({i + 1}/{n})"))
             self._capture_vision()
+        make_detokenizer(model.tokenizer)  # builds the token -> bytes table now, not on a first request
         self._thread = threading.Thread(target=self._loop, name="vlui-inference", daemon=True)
         self._thread.start()
         progress(3, 3, "ready")
@@ -264,7 +265,7 @@ class Engine:
             conversation_id=conversation_id,
             stop_ids=frozenset() if params.ignore_eos else self.stop_ids,
             pixels=pixels,
-            detok=IncrementalDetokenizer(self.model.tokenizer),
+            detok=make_detokenizer(self.model.tokenizer),
             submitted=started,
             preprocess_s=preprocess_s,
         )

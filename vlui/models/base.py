@@ -99,8 +99,12 @@ class VisionChatModel:
         """uint8 pixels [..., 3, H, W] -> (x * rescale - mean) / std in float32 on `device`, then `dtype`:
         the same arithmetic as the Hugging Face image processors."""
         x = pixels.to(device, non_blocking=True).float() * self.rescale_factor
-        mean = torch.tensor(self.image_mean, device=device)[:, None, None]
-        std = torch.tensor(self.image_std, device=device)[:, None, None]
+        # Constants made once per device: creating them inside a CUDA-graph capture would be a host copy.
+        constants = self.__dict__.setdefault("_normalize_constants", {})
+        if str(device) not in constants:
+            constants[str(device)] = (torch.tensor(self.image_mean, device=device)[:, None, None],
+                                      torch.tensor(self.image_std, device=device)[:, None, None])
+        mean, std = constants[str(device)]
         return ((x - mean) / std).to(dtype)
 
     @torch.inference_mode()
