@@ -19,7 +19,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats a camera, a browser screenshot or a chat paste produce. Anything else (PSD, EPS which
 # would run Ghostscript, ICO, ...) is refused by name rather than handed to a rarely-used decoder.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+Image.init()  # register every plugin now, so the allow-list below can be checked against them
+ALLOWED_FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO") if f in Image.OPEN)
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # 20 MiB: a 48 MP phone photo as JPEG is ~15 MiB
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; decoding it takes ~150 MB of RAM as RGB
