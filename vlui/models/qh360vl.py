@@ -96,15 +96,15 @@ class QH360VLConfig(LlamaConfig):
         settings["encoder_hidden_size"] = given.get("encoder_hidden_size", self.mm_hidden_size)
         return settings
 
+    def vision_tower_source(self) -> str:
+        """mm_vision_tower as a local folder (relative ones live inside the checkpoint) or a Hub id."""
+        local = os.path.join(getattr(self, "checkpoint_dir", None) or "", self.mm_vision_tower)
+        return local if os.path.isdir(local) else self.mm_vision_tower
+
     def vision_config(self) -> CLIPVisionConfig:
-        name = self.mm_vision_tower
-        if name in KNOWN_TOWERS:
-            return CLIPVisionConfig(**KNOWN_TOWERS[name])
-        # A relative mm_vision_tower is a folder inside the checkpoint (set by QH360VL.load).
-        local = os.path.join(getattr(self, "checkpoint_dir", None) or "", name)
-        if os.path.isdir(local):
-            return CLIPVisionConfig.from_pretrained(local)
-        return CLIPVisionConfig.from_pretrained(name)
+        if self.mm_vision_tower in KNOWN_TOWERS:
+            return CLIPVisionConfig(**KNOWN_TOWERS[self.mm_vision_tower])
+        return CLIPVisionConfig.from_pretrained(self.vision_tower_source())
 
 
 def clip_transformer(model: nn.Module) -> nn.Module:
@@ -233,7 +233,8 @@ class QH360VL(VisionChatModel):
         if tower_missing:
             # The official loader always takes CLIP from mm_vision_tower; do the same when the checkpoint lacks it.
             log.info("loading the vision tower from %s", config.mm_vision_tower)
-            source = CLIPVisionModel.from_pretrained(config.mm_vision_tower, dtype=dtype, local_files_only=local_files_only)
+            source = CLIPVisionModel.from_pretrained(config.vision_tower_source(), dtype=dtype,
+                                                     local_files_only=local_files_only)
             hf_model.model.vision_tower.vision_tower.vision_model.load_state_dict(clip_transformer(source).state_dict())
         # The released repos ship Meta's tokenizer.json. Loading it directly (not via AutoTokenizer) keeps
         # transformers from reading config.json's auto_map and offering to run remote code.
