@@ -102,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import transformers
 
+    import huggingface_hub
+
     transformers.logging.set_verbosity_error()  # keep the weight-loading progress bar, drop library chatter
+    huggingface_hub.utils.logging.set_verbosity_error()
     from vlui.engine.engine import Engine, EngineConfig, EngineError
     from vlui.models import ModelLoadError, load_model
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from urllib.parse import urlparse
 
 import torch
 
@@ -59,8 +61,31 @@ def _download_config(repo_id: str, local_files_only: bool) -> str:
         RepositoryNotFoundError,
     )
 
+    offline = ModelLoadError(
+        f"Cannot download '{repo_id}': the Hugging Face Hub is unreachable or offline mode is on, and the model "
+        f"is not in the local cache. Connect to the internet, or download it elsewhere "
+        f"(`hf download {repo_id} --local-dir DIR`) and pass --model DIR."
+    )
+    from huggingface_hub.utils import validate_repo_id
+
     try:
-        return hf_hub_download(repo_id, "config.json", local_files_only=local_files_only)
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ModelLoadError(f"'{repo_id}' is neither a local directory nor a valid Hugging Face model id.") from None
+    try:  # the local cache first: no network needed for a model downloaded before
+        return hf_hub_download(repo_id, "config.json", local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    if local_files_only or not _hub_reachable():
+        raise offline  # at once, instead of minutes of retries
+    try:
+        return hf_hub_download(repo_id, "config.json")
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: check it first)
+        raise ModelLoadError(
+            f"Cannot download '{repo_id}': the Hugging Face Hub is unreachable or offline mode is on, and the model "
+            f"is not in the local cache. Connect to the internet, or download it elsewhere "
+            f"(`hf download {repo_id} --local-dir DIR`) and pass --model DIR."
+        ) from None
     except GatedRepoError:
         raise ModelLoadError(
             f"'{repo_id}' is gated: accept its licence on huggingface.co, then log in here with `hf auth login`."
@@ -74,12 +99,25 @@ def _download_config(repo_id: str, local_files_only: bool) -> str:
         raise ModelLoadError(f"'{repo_id}' on the Hugging Face Hub has no config.json, so it is not a model.") from None
     except HFValidationError:
         raise ModelLoadError(f"'{repo_id}' is neither a local directory nor a valid Hugging Face model id.") from None
-    except (LocalEntryNotFoundError, OSError):
+    except OSError:  # connection failures surface as OSError subclasses
         raise ModelLoadError(
             f"Cannot download '{repo_id}': the Hugging Face Hub is unreachable and the model is not in the local "
             f"cache. Connect to the internet, or download it elsewhere (`hf download {repo_id} --local-dir DIR`) "
             "and pass --model DIR."
         ) from None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def resolve_device(device: str) -> str:
