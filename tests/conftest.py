@@ -74,3 +74,57 @@ def image_file(tmp_path) -> str:
     img.paste((250, 250, 0), (100, 60, 220, 180))
     img.save(path)
     return os.fspath(path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningApp:
+    """`python app.py` as a user starts it, in a subprocess, on a free port."""
+
+    def __init__(self, model_dir: str, *extra: str):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = ARTIFACTS / f"app-{self.port}.log"
+        ARTIFACTS.mkdir(exist_ok=True)
+        self._log = open(self.log_path, "w")
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "app.py", "--model", model_dir, "--port", str(self.port), *extra],
+            cwd=Path(__file__).resolve().parent.parent, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+        )
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app exited early:\n{self.log_path.read_text()}")
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"app did not start:\n{self.log_path.read_text()}")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except Exception:
+            self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def llava_app(tiny_llava_dir):
+    app = RunningApp(tiny_llava_dir, "--max-batch", "4")
+    yield app
+    app.stop()

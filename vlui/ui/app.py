@@ -249,7 +249,8 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
         regenerated = regenerate.click(drop_answer, [session], [chatbot, session], queue=False, api_visibility="private")
         running.append(regenerated.success(respond, [session, *settings_inputs], answer_outputs,
                                            api_visibility="private", concurrency_limit=None))
-        stop.click(None, None, None, cancels=running)
+        stop.click(lambda state: t(state.lang, "stopped"), [session], [status], cancels=running, queue=False,
+                   api_visibility="private")
         undo.click(undo_turn, [session], [chatbot, session, textbox, status], queue=False, cancels=running,
                    api_visibility="private")
         clear.click(clear_all, [session], [chatbot, session, textbox, status], queue=False, cancels=running,
