@@ -176,7 +176,8 @@ class Engine:
         self._free_slots = list(range(slots))
         vocab = model.lm_head.weight.shape[0]
         self._seen = torch.zeros(slots + 1, vocab, dtype=torch.bool, device=self.runner.lm_head.weight.device)
-        on_cuda = self.runner.device.type == "cuda"
+        # Quantized (bitsandbytes) layers keep their own kernels; those are not compiled or graph-captured.
+        on_cuda = self.runner.device.type == "cuda" and all(f is not None for f in self.runner.fused)
         if cfg.compile if cfg.compile is not None else on_cuda:
             progress(1, 3, "compiling the decoder (once per start)")
             self.runner.compile()
