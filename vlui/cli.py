@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     import huggingface_hub
+    import torch
 
     transformers.logging.set_verbosity_error()  # keep the weight-loading progress bar, drop library chatter
     huggingface_hub.utils.logging.set_verbosity_error()
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
     say = (lambda msg: None) if args.prompt else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"Loading {args.model} ...")
+    if args.device == "auto" and not torch.cuda.is_available():
+        say("warning: no CUDA GPU found, so the model runs on the CPU in float32: an 8B model needs about 34 GB "
+            "of RAM and an answer takes minutes.")
     try:
         model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                            local_files_only=args.local_files_only)

@@ -74,7 +74,13 @@ class LlavaHF(VisionChatModel):
             path, dtype=dtype, device_map=device_map, quantization_config=quantization_config,
             local_files_only=local_files_only,
         ).eval()
-        processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
+        # The PIL image backend, deliberately: the model was trained with transformers 4's PIL-based CLIP
+        # processor; transformers 5 otherwise picks the torchvision backend when it is installed, whose
+        # antialiased tensor resize differs slightly.
+        try:
+            processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only, backend="pil")
+        except (TypeError, ValueError):  # a transformers release without backend selection
+            processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
         return cls(hf_model, processor, name=path)
 
     def render(self, messages: list[Message], system_prompt: str | None = None) -> str:
