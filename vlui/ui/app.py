@@ -7,6 +7,7 @@ reuse the KV cache of earlier turns) and the interface language.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,11 @@ class Turn:
     text: str
     image: LoadedImage | None = None
     image_path: str | None = None
+    answered: bool = False  # a user turn some answer stream has taken (or is taking) on
+
+
+# Claiming a user turn for an answer must be atomic: events of one session run on several threads.
+_CLAIM = threading.Lock()
 
 
 @dataclass
@@ -140,7 +146,13 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
             return None, chat_history(state), state
 
         def respond(state: Session, system, max_new, temp, top, penalty):
-            if not state.turns or state.turns[-1].role != "user":
+            # Answer the last user turn, unless another stream has it or the user has since cleared or
+            # undone it (an answer event can start late, after the Clear that should have cancelled it).
+            with _CLAIM:
+                pending = bool(state.turns) and state.turns[-1].role == "user" and not state.turns[-1].answered
+                if pending:
+                    state.turns[-1].answered = True
+            if not pending:
                 yield chat_history(state), state, gr.skip(), gr.skip()
                 return
             lang, generation = state.lang, state.generation
@@ -193,8 +205,11 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
             if not state.turns or state.turns[-1].role != "assistant":
                 if not state.turns:
                     raise gr.Error(t(state.lang, "nothing_to_redo"), print_exception=False)
+                state.turns[-1].answered = False  # a question whose answer failed: ask it again
+                state.generation += 1
                 return chat_history(state), state
             state.turns.pop()
+            state.turns[-1].answered = False
             state.generation += 1
             return chat_history(state), state
 
@@ -209,8 +224,11 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
             return chat_history(state), state, restored, ""
 
         def clear_all(state: Session):
-            state.generation += 1  # a stream still running for the old conversation stops
-            return [], Session(lang=state.lang), None, ""
+            # In place, so a stream still running (or about to start) for it sees an empty conversation.
+            state.turns.clear()
+            state.conversation_id = uuid.uuid4().hex
+            state.generation += 1
+            return [], state, None, ""
 
         def relabel(choice: str, state: Session):
             lang = LANGUAGES.get(choice, "en")
