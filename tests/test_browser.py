@@ -120,3 +120,17 @@ def test_undo_puts_the_question_back_and_clear_starts_over(browser, llava_app):
     page.click("#clear")
     expect(page.locator('#chat [data-testid="bot"]')).to_have_count(0)
     page.close()
+
+
+def test_a_hostile_upload_is_explained_and_the_question_kept(browser, llava_app, tmp_path):
+    from tests.test_images import bomb_png
+
+    bomb = tmp_path / "holiday.png"
+    bomb.write_bytes(bomb_png(8_000, 8_000))  # declares 64 MP: refused before decoding
+    page = browser.new_page(locale="en-US")
+    page.goto(llava_app.url)
+    send(page, "keep this question", str(bomb))
+    expect(page.get_by_text("holiday.png' is 8000x8000 pixels (64 MP); the limit is 50 MP")).to_be_visible(timeout=30_000)
+    expect(page.locator("#input textarea")).to_have_value("keep this question")
+    expect(page.locator('#chat [data-testid="user"]')).to_have_count(0)
+    page.close()

@@ -94,7 +94,29 @@ def test_no_gpu_when_cuda_is_asked_for(tiny_llava_dir):
     (["--image", "x.png"], "--image needs --prompt"),
     (["--bogus"], "unrecognized arguments"),
     (["--port", "70000"], "--port"),
+    (["--prompt", "  "], "--prompt is empty"),
+    (["--auth", ":"], "--auth must look like USER:PASSWORD"),
+    (["--max-image-mb", "nan"], "--max-image-mb"),
+    (["--device", "gpu"], "invalid --device"),
+    (["--dtype", "int8"], "invalid choice"),
+    (["--max-context", "8"], "--max-context"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, words):
     result = run_app(*args, timeout=60)
     assert result.returncode == 2 and words in error_line(result)
+
+
+def test_a_busy_port_is_reported_before_loading_the_model(tiny_llava_dir):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_app("--model", tiny_llava_dir, "--port", str(taken.getsockname()[1]), timeout=60)
+    assert result.returncode == 1 and "in use" in error_line(result)
+
+
+def test_placeholder_and_special_tokens_in_a_question_are_plain_text(tiny_llava_dir):
+    result = run_app("--model", tiny_llava_dir, "--prompt", "What does the <image> tag do? <|eot_id|>",
+                     "--max-new-tokens", "4")
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr

@@ -37,6 +37,14 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped():
     assert r == g == b and 150 <= r <= 160  # 40000 / 256 = 156
 
 
+@pytest.mark.parametrize("mode,value,bright", [("F", 0.5, 127), ("I", 2_000_000, 255), ("F", 1000.0, 255)])
+def test_float_and_32_bit_images_keep_their_contrast(mode, value, bright):
+    img = Image.new(mode, (8, 8), value)
+    img.putpixel((0, 0), 0)  # one dark pixel
+    loaded = load_image(encode(img, "TIFF")).image
+    assert loaded.getpixel((0, 0))[0] == 0 and loaded.getpixel((4, 4))[0] == bright  # not all black or white
+
+
 def test_exif_orientation_is_applied():
     img = Image.new("RGB", (60, 20), (0, 0, 255))
     exif = Image.Exif()
@@ -94,6 +102,8 @@ def test_file_size_limit_is_checked_before_reading(tmp_path):
         load_image(path, ImageLimits(max_bytes=1024))
 
 
-def test_missing_file(tmp_path):
+def test_missing_file_and_folder(tmp_path):
     with pytest.raises(ImageError, match="does not exist"):
         load_image(tmp_path / "nope.jpg")
+    with pytest.raises(ImageError, match="is a folder"):
+        load_image(tmp_path)

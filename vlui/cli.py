@@ -10,8 +10,12 @@ Every error a user can cause ends in one line on stderr and a non-zero exit code
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
 import os
+import re
+import socket
 import sys
 import tempfile
 
@@ -31,16 +35,18 @@ def build_parser() -> Parser:
     m = p.add_argument_group("model")
     m.add_argument("--model", default=os.environ.get("VLUI_MODEL", DEFAULT_MODEL),
                    help="Hugging Face model id or local directory (default: %(default)s; env VLUI_MODEL)")
-    m.add_argument("--device", default=os.environ.get("VLUI_DEVICE", "auto"),
-                   help="auto (GPU if there is one; several GPUs share a big model), cuda, cuda:N or cpu")
-    m.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32")
+    m.add_argument("--device", default=os.environ.get("VLUI_DEVICE", "auto"), type=device_flag,
+                   help="auto (GPU if there is one; several GPUs share a big model), cuda, cuda:N or cpu "
+                        "(env VLUI_DEVICE)")
+    m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
     m.add_argument("--quantize", choices=["none", "4bit"], default="none",
                    help="4bit: bitsandbytes NF4 weights (needs `pip install bitsandbytes` and a CUDA GPU)")
     m.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face Hub")
     s = p.add_argument_group("web server")
     s.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="address to listen on (default %(default)s; 0.0.0.0 to serve the network)")
-    s.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    s.add_argument("--port", type=int, default=None, help="default 7860 (env GRADIO_SERVER_PORT)")
     s.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     s.add_argument("--auth", default=os.environ.get("VLUI_AUTH"), metavar="USER:PASSWORD",
                    help="require this login (env VLUI_AUTH)")
@@ -63,6 +69,53 @@ def build_parser() -> Parser:
     return p
 
 
+def device_flag(value: str) -> str:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid --device '{value}': use auto, cuda, cuda:N or cpu")
+
+
+def check_flags(args) -> str | None:
+    """What is wrong with the flags, as a sentence, or None."""
+    if args.port is None:
+        env = os.environ.get("GRADIO_SERVER_PORT", "7860")
+        if not env.isdigit():
+            return f"GRADIO_SERVER_PORT must be a port number (got '{env}')"
+        args.port = int(env)
+    if not 0 < args.port < 65536:
+        return f"--port must be between 1 and 65535 (got {args.port})"
+    if args.prompt is not None and not args.prompt.strip():
+        return "--prompt is empty: give the question to ask"
+    if args.image and args.prompt is None:
+        return "--image needs --prompt (the question to ask about it)"
+    if args.auth is not None:
+        user, _, password = args.auth.partition(":")
+        if not user or not password:
+            return "--auth must look like USER:PASSWORD, both non-empty"
+    if not (math.isfinite(args.max_image_mb) and 0 < args.max_image_mb <= 1024):
+        return f"--max-image-mb must be a number of megabytes between 0 and 1024 (got {args.max_image_mb})"
+    if not 1 <= args.max_batch <= 1024 or args.max_queue < 0:
+        return "--max-batch must be between 1 and 1024, and --max-queue at least 0"
+    if args.max_context is not None and args.max_context < 64:
+        return f"--max-context must be at least 64 tokens (got {args.max_context})"
+    return None
+
+
+def port_is_free(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, or None; checked before the model is loaded."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except socket.gaierror:
+        return f"--host {host} is not an address of this machine"
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            return f"port {port} is in use; choose another with --port"
+        return f"cannot listen on {host}:{port} ({err.strerror or err})"
+    return None
+
+
 def fail(message: str, code: int = EXIT_FAILURE) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
@@ -82,15 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         params.validate()
     except ValueError as err:
         return fail(f"invalid generation setting: {err}", EXIT_USAGE)
-    if args.image and not args.prompt:
-        return fail("--image needs --prompt (the question to ask about it)", EXIT_USAGE)
-    if not 0 < args.port < 65536:
-        return fail(f"--port must be between 1 and 65535 (got {args.port})", EXIT_USAGE)
-    if args.auth is not None and ":" not in args.auth:
-        return fail("--auth must look like USER:PASSWORD", EXIT_USAGE)
-    if args.max_batch < 1 or args.max_queue < 0 or (args.max_context is not None and args.max_context < 16):
-        return fail("--max-batch must be >= 1, --max-queue >= 0 and --max-context >= 16", EXIT_USAGE)
+    problem = check_flags(args)
+    if problem:
+        return fail(problem, EXIT_USAGE)
     limits = ImageLimits(max_bytes=int(args.max_image_mb * 1024 * 1024))
+    one_shot = args.prompt is not None
+    if not one_shot:
+        problem = port_is_free(args.host, args.port)
+        if problem:  # say so now, not after a minute of loading the model
+            return fail(problem)
 
     image = None
     if args.image:  # check the image before spending a minute loading the model
@@ -110,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlui.engine.engine import Engine, EngineConfig, EngineError
     from vlui.models import ModelLoadError, load_model
 
-    say = (lambda msg: None) if args.prompt else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = (lambda msg: None) if one_shot else (lambda msg: print(msg, file=sys.stderr, flush=True))
     say(f"Loading {args.model} ...")
     if args.device == "auto" and not torch.cuda.is_available():
         say("warning: no CUDA GPU found, so the model runs on the CPU in float32: an 8B model needs about 34 GB "
@@ -120,10 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                            local_files_only=args.local_files_only)
     except ModelLoadError as err:
         return fail(str(err))
-    one_shot = bool(args.prompt)
     fast = not args.no_compile and not one_shot  # compiling pays off for a server, not for one answer
     config = EngineConfig(max_batch=1 if one_shot else args.max_batch, max_seq_len=args.max_context,
                           max_queue=args.max_queue, compile=None if fast else False, cuda_graphs=None if fast else False)
+    if args.max_context and args.max_context > model.context_length:
+        say(f"note: --max-context {args.max_context} is more than the model's {model.context_length}; using "
+            f"{model.context_length}.")
     try:
         engine = Engine(model, config).start(progress=lambda i, n, msg: say(f"[{i}/{n}] {msg}"))
     except EngineError as err:
@@ -174,11 +229,19 @@ def serve(engine, args, limits, system_prompt: str | None) -> int:
     demo = build_demo(engine, defaults, limits)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
-                    max_file_size=limits.max_bytes, allowed_paths=[str(ASSETS)], show_error=False,
-                    footer_links=["api", "settings"])
+        _, local_url, share_url = demo.launch(
+            server_name=args.host, server_port=args.port, share=args.share, auth=auth, max_file_size=limits.max_bytes,
+            allowed_paths=[str(ASSETS)], show_error=False, footer_links=["api", "settings"], quiet=True,
+            prevent_thread_lock=True,
+        )
     except OSError as err:
-        return fail(f"cannot serve on {args.host}:{args.port}: {err} (is the port in use? try --port)")
+        return fail(f"cannot serve on {args.host}:{args.port}: {err}")
+    print(f"vlui is serving {engine.model.name} on {local_url}" + (f" and {share_url}" if share_url else "")
+          + ("" if args.share else " (for a public link, add --share)"), file=sys.stderr, flush=True)
+    try:
+        demo.block_thread()
     except KeyboardInterrupt:
         pass
+    finally:
+        demo.close()
     return 0

@@ -62,6 +62,8 @@ def load_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageLim
     else:
         path = os.fspath(source)
         name = name or os.path.basename(path)
+        if os.path.isdir(path):
+            raise ImageError(f"'{name}' is a folder, not an image file.")
         try:
             size = os.path.getsize(path)
         except OSError:
@@ -71,8 +73,11 @@ def load_image(source: str | os.PathLike | bytes, limits: ImageLimits = ImageLim
                 f"The image '{name}' is {_human_bytes(size)}; the limit is {_human_bytes(limits.max_bytes)}. "
                 "Please use a smaller file."
             )
-        with open(path, "rb") as f:
-            data = f.read(limits.max_bytes + 1)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(size + 1)  # the size is checked, so this never reserves the whole limit
+        except OSError as err:
+            raise ImageError(f"Cannot read the image file '{name}': {err.strerror or err}.") from None
     if len(data) > limits.max_bytes:
         raise ImageError(
             f"The image '{name}' is {_human_bytes(len(data))}; the limit is {_human_bytes(limits.max_bytes)}. "
@@ -128,7 +133,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16"):
         # 16-bit greyscale (scans, PNG from scientific tools): scale into 8 bits instead of clipping.
         img = img.point(lambda v: v / 256).convert("L")
+    elif img.mode in ("I", "F"):
+        img = _stretch_to_8bit(img)
     return img.convert("RGB")
+
+
+def _stretch_to_8bit(img: Image.Image) -> Image.Image:
+    """32-bit integer or float greyscale (TIFF) into 0..255: 16-bit-range integers and 0..1 floats keep
+    their meaning; anything else is stretched from its own minimum to its maximum."""
+    low, high = img.getextrema()
+    if img.mode == "I" and 0 <= low and high <= 65535:
+        scale, offset = 1 / 256, 0.0
+    elif img.mode == "F" and 0 <= low and high <= 1:
+        scale, offset = 255.0, 0.0
+    elif high > low:
+        scale, offset = 255.0 / (high - low), -low * 255.0 / (high - low)
+    else:
+        scale, offset = 0.0, 128.0
+    return img.point(lambda v: v * scale + offset).convert("L")

@@ -35,6 +35,18 @@ from vlui.models.base import PreparedPrompt, VisionChatModel
 log = logging.getLogger(__name__)
 
 
+def available_ram() -> int:
+    """Bytes of memory available to allocate (Linux's MemAvailable; elsewhere a conservative 8 GiB)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 class EngineBusy(RuntimeError):
     """The waiting queue is full. `str(err)` is a sentence for the user."""
 
@@ -213,16 +225,17 @@ class Engine:
     def _slots_that_fit(self, max_seq: int) -> int:
         cfg, decoder = self.config, self.model.decoder
         device = decoder.embed_tokens.weight.device
-        if device.type != "cuda":
-            return cfg.max_batch
         c = decoder.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * decoder.embed_tokens.weight.element_size()
-        free, _ = torch.cuda.mem_get_info(device)
-        fit = int(free * cfg.kv_memory_fraction) // (per_token * max_seq) - 1  # one slot is scratch
+        if device.type == "cuda":
+            free, where = torch.cuda.mem_get_info(device)[0] * cfg.kv_memory_fraction, "GPU"
+        else:  # the CPU: at most half of the memory still available
+            free, where = available_ram() * 0.5, "free RAM"
+        fit = int(free) // (per_token * max_seq) - 1  # one slot is scratch
         if fit < 1:
             raise EngineError(
-                f"Not enough GPU memory for the KV cache of even one {max_seq}-token conversation "
+                f"Not enough {where} for the KV cache of even one {max_seq}-token conversation "
                 f"({per_token * max_seq / 2**30:.1f} GiB). Lower --max-context or use a smaller model."
             )
         return min(cfg.max_batch, fit)

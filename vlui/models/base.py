@@ -22,6 +22,18 @@ class Message:
     image: LoadedImage | None = None
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A piece of prompt text. Trusted text is template markup whose special tokens are parsed; the
+    rest (what users and the model wrote) is tokenized with special tokens read as plain text."""
+
+    text: str
+    trusted: bool = False
+
+
+IMAGE = Segment("", trusted=True)  # marks where an image's embeddings go
+
+
 @dataclass
 class PreparedPrompt:
     """A tokenized prompt. Each image occupies `length` consecutive positions starting at `start`;
@@ -61,24 +73,28 @@ class VisionChatModel:
     image_token_id: int = 0  # placeholder id written at image positions
 
     # -- prompt -------------------------------------------------------------------------------
-    def render(self, messages: list[Message], system_prompt: str | None = None) -> str:
-        """The prompt as text, `image_placeholder` where the image goes, ending with the assistant header."""
+    def segments(self, messages: list[Message], system_prompt: str | None = None) -> list[Segment]:
+        """The prompt, ending with the assistant header, as segments; IMAGE where the image goes."""
         raise NotImplementedError
 
+    def render(self, messages: list[Message], system_prompt: str | None = None) -> str:
+        """The prompt as text, with `image_placeholder` where the image goes (for display and tests)."""
+        return "".join(self.image_placeholder if s is IMAGE else s.text for s in self.segments(messages, system_prompt))
+
     def tokenize(self, messages: list[Message], system_prompt: str | None = None) -> PreparedPrompt:
-        """Token ids of `render(...)`, each image placeholder expanded to `image_token_count` slots."""
-        text = self.render(messages, system_prompt)
+        """Token ids of the prompt, each image expanded to `image_token_count` placeholder positions."""
         images = [m.image for m in messages if m.image is not None]
-        pieces = text.split(self.image_placeholder)
-        if len(pieces) - 1 != len(images):
-            raise AssertionError("the prompt template placed a different number of images than were given")
         ids = list(self._bos_ids())
         spans = []
-        for i, piece in enumerate(pieces):
-            if i > 0:
+        for segment in self.segments(messages, system_prompt):
+            if segment is IMAGE:
                 spans.append((len(ids), self.image_token_count))
                 ids.extend([self.image_token_id] * self.image_token_count)
-            ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+            elif segment.text:
+                ids.extend(self.tokenizer.encode(segment.text, add_special_tokens=False,
+                                                 split_special_tokens=not segment.trusted))
+        if len(spans) != len(images):
+            raise AssertionError("the prompt template placed a different number of images than were given")
         return PreparedPrompt(token_ids=ids, image_spans=spans, images=images)
 
     def _bos_ids(self) -> list[int]:

@@ -14,26 +14,8 @@ from __future__ import annotations
 import torch
 
 from vlui.images import LoadedImage
-from vlui.models.base import Message, VisionChatModel
-
-HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
-EOT = "<|eot_id|>"
-
-
-def render_llama3(messages: list[Message], system_prompt: str | None, image_placeholder: str, trim: bool = False) -> str:
-    """Llama-3 chat format; "<image placeholder>\n" opens the user message that carries the image.
-    `trim` strips each message the way Meta's chat template does (`| trim`)."""
-    parts = []
-    if system_prompt:
-        parts.append(HEADER.format(role="system") + (system_prompt.strip() if trim else system_prompt) + EOT)
-    for m in messages:
-        content = m.text
-        if m.image is not None:
-            content = image_placeholder + "\n" + content
-        parts.append(HEADER.format(role=m.role) + (content.strip() if trim else content) + EOT)
-    parts.append(HEADER.format(role="assistant"))
-    return "".join(parts)
-
+from vlui.models.base import Message, Segment, VisionChatModel
+from vlui.models.llama3_chat import llama3_segments
 
 class LlavaHF(VisionChatModel):
     family = "llava-hf"
@@ -83,8 +65,8 @@ class LlavaHF(VisionChatModel):
             processor = AutoProcessor.from_pretrained(path, local_files_only=local_files_only)
         return cls(hf_model, processor, name=path)
 
-    def render(self, messages: list[Message], system_prompt: str | None = None) -> str:
-        return render_llama3(messages, system_prompt, self.image_placeholder)
+    def segments(self, messages: list[Message], system_prompt: str | None = None) -> list[Segment]:
+        return llama3_segments(messages, system_prompt)
 
     def preprocess(self, image: LoadedImage) -> torch.Tensor:
         # The checkpoint's own processor resizes and crops; rescale and normalize run on the GPU.

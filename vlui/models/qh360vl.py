@@ -28,9 +28,9 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from vlui.images import LoadedImage
-from vlui.models.base import Message, VisionChatModel
+from vlui.models.base import Message, Segment, VisionChatModel
 from vlui.models.honeybee import CAbstractor
-from vlui.models.llava_hf import render_llama3
+from vlui.models.llama3_chat import llama3_segments
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +241,9 @@ class QH360VL(VisionChatModel):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=local_files_only)
         return cls(hf_model.eval(), tokenizer, name=path)
 
-    def render(self, messages: list[Message], system_prompt: str | None = None) -> str:
+    def segments(self, messages: list[Message], system_prompt: str | None = None) -> list[Segment]:
         # The official code renders with Meta's chat template, which trims every message.
-        return render_llama3(messages, system_prompt, IMAGE_PLACEHOLDER, trim=True)
+        return llama3_segments(messages, system_prompt, trim=True)
 
     def preprocess(self, image: LoadedImage) -> torch.Tensor:
         return preprocess_360vl(image.image, self.view_size)

@@ -7,6 +7,7 @@ reuse the KV cache of earlier turns) and the interface language.
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -26,8 +27,7 @@ LATEX = [
     {"left": "$$", "right": "$$", "display": True},
     {"left": "\\[", "right": "\\]", "display": True},
     {"left": "\\(", "right": "\\)", "display": False},
-    {"left": "$", "right": "$", "display": False},
-]
+]  # no single "$": "$5 and $10" is money, not math
 EXAMPLES = [
     ("What shapes and colours do you see? Describe where each one is.", "shapes.png"),
     ("What is written on this note, and what is it about?", "note.png"),
@@ -49,11 +49,16 @@ class Turn:
 _CLAIM = threading.Lock()
 
 
+class UserInputError(ValueError):
+    """A message the app cannot use; `str(err)` is a sentence for the user."""
+
+
 @dataclass
 class Session:
     turns: list[Turn] = field(default_factory=list)
     conversation_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     lang: str = "en"
+    streaming: bool = False
     generation: int = 0  # bumped by every new message, Undo and Clear: an older answer stream stops
 
 
@@ -89,12 +94,15 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
     i18n = gr.I18n(**STRINGS)
     max_tokens_cap = max(16, min(4096, engine.runner.max_seq_len - 1))
 
-    with gr.Blocks(title="vlui", analytics_enabled=False) as demo:
+    # Shown to every visitor: a local checkpoint's folder name, not the server's file system path.
+    shown_name = os.path.basename(os.path.normpath(model.name)) if os.path.isdir(model.name) else model.name
+    # Uploads are deleted after three hours, so anonymous users cannot fill the disk over time.
+    with gr.Blocks(title="vlui", analytics_enabled=False, delete_cache=(3 * 3600, 3 * 3600)) as demo:
         session = gr.State(lambda: Session())  # a fresh conversation per browser session
         with gr.Row():
             with gr.Column(scale=5):
                 title = gr.Markdown(i18n("title"))
-                subtitle = gr.Markdown(STRINGS["en"]["subtitle"].format(model=model.name))
+                subtitle = gr.Markdown(STRINGS["en"]["subtitle"].format(model=shown_name))
             language = gr.Radio(list(LANGUAGES), value="English", label=i18n("language"), scale=1, min_width=160)
         chatbot = gr.Chatbot(
             label=i18n("chat_label"), height=560, latex_delimiters=LATEX, buttons=["copy", "copy_all"],
@@ -128,24 +136,42 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
         settings_inputs = [system_prompt, max_new_tokens, temperature, top_p, repetition_penalty]
 
         # -- handlers -------------------------------------------------------------------------
-        def add_message(message: dict, state: Session):
-            """Validate and append the user's message; on bad input nothing changes (gr.Error)."""
+        def new_turn(message: dict, state: Session) -> Turn:
+            """The user's message as a turn; UserInputError (a sentence for the user) if it is unusable."""
             text = (message or {}).get("text", "") or ""
             files = (message or {}).get("files") or []
             if not text.strip() and not files:
-                raise gr.Error(t(state.lang, "empty"), print_exception=False)
+                raise UserInputError(t(state.lang, "empty"))
             image = path = None
             if files:
                 path = files[-1] if isinstance(files[-1], str) else files[-1].get("path")
                 try:
                     image = load_image(path, limits)
                 except ImageError as err:
-                    raise gr.Error(str(err), print_exception=False) from None
-            state.turns.append(Turn("user", text, image, path))
+                    raise UserInputError(str(err)) from None
+            return Turn("user", text, image, path)
+
+        def add_message(message: dict, state: Session):
+            """Append the user's message. On bad input: a warning, and the input box keeps its content."""
+            try:
+                turn = new_turn(message, state)
+            except UserInputError as err:
+                gr.Warning(str(err))
+                return gr.skip(), gr.skip(), state
+            state.turns.append(turn)
             state.generation += 1
             return None, chat_history(state), state
 
-        def respond(state: Session, system, max_new, temp, top, penalty):
+        def refuse(state: Session, err: Exception, api: bool):
+            """The request cannot run: nothing is lost, the question goes back into the input box."""
+            turn = state.turns.pop()
+            if api:
+                raise gr.Error(str(err), print_exception=False)
+            gr.Warning(str(err))
+            restored = {"text": turn.text, "files": [turn.image_path] if turn.image_path else []}
+            return chat_history(state), state, restored, ""
+
+        def respond(state: Session, system, max_new, temp, top, penalty, api: bool = False):
             # Answer the last user turn, unless another stream has it or the user has since cleared or
             # undone it (an answer event can start late, after the Clear that should have cancelled it).
             with _CLAIM:
@@ -165,11 +191,7 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
                                         params.repetition_penalty)
                 handle = engine.submit(fitted.prompt, params, state.conversation_id)
             except (ContextTooLong, EngineBusy, EngineError, ValueError) as err:
-                # Nothing is lost: the message goes back into the input box.
-                turn = state.turns.pop()
-                gr.Warning(str(err))
-                restored = {"text": turn.text, "files": [turn.image_path] if turn.image_path else []}
-                yield chat_history(state), state, restored, ""
+                yield refuse(state, err, api)
                 return
             if fitted.replaced_image:
                 gr.Info(t(lang, "new_image"))
@@ -177,6 +199,7 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
                 gr.Info(t(lang, "dropped", context=engine.runner.max_seq_len, n=fitted.dropped_turns))
             answer = Turn("assistant", "")
             state.turns.append(answer)
+            state.streaming = True
             try:
                 yield chat_history(state), state, gr.skip(), ""
                 for event in handle:
@@ -199,23 +222,23 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
                         answer.text = answer.text + ("\n\n" if answer.text else "") + t(lang, "error", message=event.text)
                         yield chat_history(state), state, gr.skip(), ""
             finally:
+                state.streaming = False
                 handle.cancel()  # Stop, Regenerate, a closed tab: free the GPU slot within one step
 
         def drop_answer(state: Session):
-            if not state.turns or state.turns[-1].role != "assistant":
-                if not state.turns:
-                    raise gr.Error(t(state.lang, "nothing_to_redo"), print_exception=False)
-                state.turns[-1].answered = False  # a question whose answer failed: ask it again
-                state.generation += 1
-                return chat_history(state), state
-            state.turns.pop()
-            state.turns[-1].answered = False
+            if not state.turns:
+                gr.Warning(t(state.lang, "nothing_to_redo"))
+                return gr.skip(), state
+            if state.turns[-1].role == "assistant":
+                state.turns.pop()
+            state.turns[-1].answered = False  # ask the last question again
             state.generation += 1
             return chat_history(state), state
 
         def undo_turn(state: Session):
             if not state.turns:
-                raise gr.Error(t(state.lang, "nothing_to_undo"), print_exception=False)
+                gr.Warning(t(state.lang, "nothing_to_undo"))
+                return gr.skip(), state, gr.skip(), gr.skip()
             if state.turns[-1].role == "assistant":
                 state.turns.pop()
             user = state.turns.pop() if state.turns and state.turns[-1].role == "user" else None
@@ -230,6 +253,9 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
             state.generation += 1
             return [], state, None, ""
 
+        def stopped(state: Session):
+            return t(state.lang, "stopped") if state.streaming else gr.skip()
+
         def relabel(choice: str, state: Session):
             lang = LANGUAGES.get(choice, "en")
             state.lang = lang
@@ -237,7 +263,7 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
             return (
                 state,
                 gr.update(value=s["title"]),
-                gr.update(value=s["subtitle"].format(model=model.name)),
+                gr.update(value=s["subtitle"].format(model=shown_name)),
                 gr.update(value=choice, label=s["language"]),
                 gr.update(label=s["chat_label"]),
                 gr.update(label=s["input_label"], placeholder=s["input_placeholder"]),
@@ -260,24 +286,35 @@ def build_demo(engine: Engine, defaults: Defaults | None = None, limits: ImageLi
         # -- wiring ---------------------------------------------------------------------------
         answer_outputs = [chatbot, session, textbox, status]
         running: list = []
-        submitted = textbox.submit(add_message, [textbox, session], [textbox, chatbot, session], queue=False,
-                                   api_visibility="private")
+        submitted = textbox.submit(add_message, [textbox, session], [textbox, chatbot, session],
+                                   api_visibility="private", show_progress="hidden")
+        running.append(submitted)  # Clear or Undo right after Enter must also cancel the message not yet added
         running.append(submitted.success(respond, [session, *settings_inputs], answer_outputs,
                                          api_visibility="private", concurrency_limit=None))
-        regenerated = regenerate.click(drop_answer, [session], [chatbot, session], queue=False, api_visibility="private")
+        regenerated = regenerate.click(drop_answer, [session], [chatbot, session], api_visibility="private",
+                                       show_progress="hidden")
+        running.append(regenerated)
         running.append(regenerated.success(respond, [session, *settings_inputs], answer_outputs,
                                            api_visibility="private", concurrency_limit=None))
-        stop.click(lambda state: t(state.lang, "stopped"), [session], [status], cancels=running, queue=False,
-                   api_visibility="private")
-        undo.click(undo_turn, [session], [chatbot, session, textbox, status], queue=False, cancels=running,
-                   api_visibility="private")
+        stop.click(stopped, [session], [status], cancels=running, queue=False, api_visibility="private")
+        # Each is followed by a redraw from the session, in case a cancelled stream's last update
+        # reached the page after it.
+        redraw = dict(fn=chat_history, inputs=[session], outputs=[chatbot], api_visibility="private",
+                      show_progress="hidden")
+        undo.click(undo_turn, [session], [chatbot, session, textbox, status], cancels=running,
+                   api_visibility="private", show_progress="hidden").then(**redraw)
         clear.click(clear_all, [session], [chatbot, session, textbox, status], queue=False, cancels=running,
-                    api_name="clear")
+                    api_name="clear").then(**redraw)
 
-        # API-friendly one-call endpoint: gradio_client sends {"text", "files"} and streams the answer.
+        # API endpoint: gradio_client sends {"text", "files"} and the settings, and streams the answer.
+        # Each client session is one conversation (call /clear, or use a new Client, to start over).
         def chat_api(message: dict, state: Session, *settings):
-            _, _, state = add_message(message, state)
-            yield from respond(state, *settings)
+            try:
+                state.turns.append(new_turn(message, state))
+            except UserInputError as err:
+                raise gr.Error(str(err), print_exception=False) from None
+            state.generation += 1
+            yield from respond(state, *settings, api=True)
 
         api_box = gr.MultimodalTextbox(visible=False)
         gr.Button(visible=False).click(chat_api, [api_box, session, *settings_inputs], answer_outputs,
