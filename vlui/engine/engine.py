@@ -285,8 +285,10 @@ class Engine:
         )
         with self._lock:
             if len(self._pending) >= self.config.max_queue:
+                waiting = len(self._pending)
                 raise EngineBusy(
-                    f"The server is busy: {len(self._pending)} requests are already waiting. Please try again in a minute."
+                    f"The server is busy: {waiting} request{'s are' if waiting != 1 else ' is'} already waiting. "
+                    "Please try again in a minute."
                 )
             self._pending.append(req)
             self._lock.notify_all()
