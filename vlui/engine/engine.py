@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlui.engine.detokenize import make_detokenizer
-from vlui.engine.runner import GraphedFunction, LlamaRunner
+from vlui.engine.runner import GraphedFunction, LlamaRunner, kv_bytes_per_token
 from vlui.engine.sampling import SamplingParams, sample
 from vlui.models.base import PreparedPrompt, VisionChatModel
 
@@ -225,9 +225,7 @@ class Engine:
     def _slots_that_fit(self, max_seq: int) -> int:
         cfg, decoder = self.config, self.model.decoder
         device = decoder.embed_tokens.weight.device
-        c = decoder.config
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * decoder.embed_tokens.weight.element_size()
+        per_token = kv_bytes_per_token(decoder.config, decoder.embed_tokens.weight.element_size())
         if device.type == "cuda":
             free, where = torch.cuda.mem_get_info(device)[0] * cfg.kv_memory_fraction, "GPU"
         else:  # the CPU: at most half of the memory still available
@@ -294,9 +292,6 @@ class Engine:
             self._lock.notify_all()
         return handle
 
-    def generate(self, prompt: PreparedPrompt, params: SamplingParams, conversation_id: str | None = None) -> str:
-        return self.submit(prompt, params, conversation_id).result()
-
     def stats(self) -> dict:
         with self._lock:
             return {
@@ -349,7 +344,6 @@ class Engine:
 
     def _take_slot(self, req: _Request) -> bool:
         """Give `req` a slot: its conversation's cached slot, a free one, or the least recently used cache."""
-        keys = None
         same = [s for s, c in self._cached.items() if req.conversation_id and c.conversation_id == req.conversation_id]
         if same:
             slot = same[0]

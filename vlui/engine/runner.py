@@ -100,13 +100,18 @@ def final_norm(norm, hidden, delta):
     return norm(hidden + delta)
 
 
+def kv_bytes_per_token(config, element_size: int) -> int:
+    """Bytes of KV cache one token takes: keys and values of every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element_size
+
+
 class LlamaRunner:
     def __init__(self, decoder: nn.Module, lm_head: nn.Module, num_slots: int, max_seq_len: int, fuse: bool = True):
         config = decoder.config
         self.decoder = decoder
         self.lm_head = lm_head
         self.layers = list(decoder.layers)
-        self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.num_slots = num_slots
@@ -132,7 +137,7 @@ class LlamaRunner:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * self.k_cache[0].element_size()
+        return kv_bytes_per_token(self.decoder.config, self.k_cache[0].element_size())
 
     # -- prefill ------------------------------------------------------------------------------
     @torch.inference_mode()
