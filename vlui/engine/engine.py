@@ -494,14 +494,15 @@ class Engine:
         return self._params_cache[1]
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> torch.Tensor:
-        """Token ids [B], left on the device; marks them seen (repetition penalty) on the device too."""
+        """Token ids [B], left on the device. With a repetition penalty in the batch, the ids are also
+        marked seen, on the device (rows without one never read their seen set; admission resets it)."""
         temperature, top_p, penalty, slots, use_top_p, all_greedy = self._batch_params(batch, logits.device)
         if all_greedy:
-            ids = logits.argmax(dim=-1)
-        else:
-            seen = self._seen[slots].to(logits.device) if penalty is not None else None
-            ids = sample(logits, temperature, top_p, penalty, seen, use_top_p=use_top_p)
-        self._seen[slots, ids.to(self._seen.device)] = True
+            return logits.argmax(dim=-1)
+        seen = self._seen[slots].to(logits.device) if penalty is not None else None
+        ids = sample(logits, temperature, top_p, penalty, seen, use_top_p=use_top_p)
+        if penalty is not None:
+            self._seen[slots, ids.to(self._seen.device)] = True
         return ids
 
     def _accept(self, req: _Request, token: int) -> None:

@@ -191,20 +191,17 @@ class LlamaRunner:
     def _decode_step(self, tokens, positions, slots, max_len: int | None = None):
         """One token for each row. tokens/positions/slots are [B] int64 tensors on the device."""
         hidden = self.decoder.embed_tokens(tokens)[:, None, :]
-        lengths = {self.device: positions + 1}
-        by_device = {self.device: (slots, positions)}
+        rows = {self.device: (slots, positions + 1)}  # slot and length of each row, per device
 
         def attend(i, q, k, v):
-            device = q.device
-            if device not in lengths:
-                lengths[device] = (positions + 1).to(device)
-                by_device[device] = (slots.to(device), positions.to(device))
-            row_slots = by_device[device][0]
+            if q.device not in rows:
+                rows[q.device] = tuple(t.to(q.device) for t in rows[self.device])
+            row_slots, lengths = rows[q.device]
             if self.use_triton:
-                out = decode_attention(q[:, :, 0], self.k_cache[i], self.v_cache[i], row_slots, lengths[device])
+                out = decode_attention(q[:, :, 0], self.k_cache[i], self.v_cache[i], row_slots, lengths)
             else:
                 out = decode_attention_reference(q[:, :, 0], self.k_cache[i], self.v_cache[i], row_slots,
-                                                 lengths[device], max_len)
+                                                 lengths, max_len)
             return out[:, :, None]
 
         hidden = self._layers(hidden, positions[:, None], slots[:, None], attend)
@@ -292,4 +289,3 @@ class GraphedFunction:
         self.static_in.copy_(x, non_blocking=True)
         self.graph.replay()
         return self.static_out.clone()
-
